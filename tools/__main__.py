@@ -1,0 +1,3 @@
+from lresnet.tools.cli import main
+
+main()
