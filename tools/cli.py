@@ -29,6 +29,12 @@ app.add_typer(bench, name="bench")
 
 # One module per area; each adds its commands to `app` and its benchmarks to `bench`.
 COMMAND_MODULES = (
+    "lresnet.tools.cmd_synth",
+    "lresnet.tools.cmd_convert",
+    "lresnet.tools.cmd_pipeline",
+    "lresnet.tools.cmd_model",
+    "lresnet.tools.cmd_verify",
+    "lresnet.tools.cmd_train",
 )
 
 for _name in COMMAND_MODULES:
