@@ -1,0 +1,152 @@
+"""Devices and distributed setup, done in functions (never at import time).
+
+Under ``torchrun`` the environment carries RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address; :func:`setup_distributed` turns that into a process group
+(gloo on CPU, nccl on CUDA, hccl on Ascend NPUs) and a device. ``torch_npu`` is
+imported only when the NPU device is asked for.
+
+DDP wraps the backbone *and* a replicated margin head together, so the class
+centres' gradients are all-reduced too (leaving the head out of DDP, as the
+reference port did, lets every rank's centres drift apart). A Partial FC head is
+model-parallel (each rank owns a shard of the centres) and stays outside DDP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lresnet.convert.errors import InputError
+from lresnet.pipeline import World
+from lresnet.train.config import DistConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process runs: its rank in the world, its device, the process-group backend (None alone)."""
+
+    world: World
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(name, f"got {raw!r} in the environment, expected an integer") from None
+
+
+def select_device(kind: str, device_id: int = -1, local_rank: int = 0) -> torch.device:
+    """The torch device for `kind` ("cpu" | "cuda" | "npu"); index `device_id`, or LOCAL_RANK when -1."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    index = local_rank if device_id < 0 else device_id
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device", "got 'cuda', but torch sees no CUDA device")
+        if index >= torch.cuda.device_count():
+            raise InputError("--device-id", f"got {index}, expected < {torch.cuda.device_count()} CUDA devices")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if kind == "npu":
+        try:
+            import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+        except ImportError:
+            raise InputError("--device", "got 'npu', but torch_npu is not installed (pip install torch_npu)") from None
+        torch.npu.set_device(index)
+        return torch.device("npu", index)
+    raise InputError("--device", f"got {kind!r}, expected one of {sorted(DEFAULT_BACKEND)}")
+
+
+def setup_distributed(cfg: DistConfig, timeout_s: float = 1800.0) -> DistContext:
+    """Read torchrun's environment, pick the device and, with WORLD_SIZE > 1, start the process group."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = select_device(cfg.device, cfg.device_id, local_rank)
+    backend = None
+    if world_size > 1:
+        backend = DEFAULT_BACKEND[cfg.device] if cfg.backend == "auto" else cfg.backend
+        if not dist.is_initialized():
+            kwargs = {}
+            if device.type == "cuda":
+                kwargs["device_id"] = device  # binds NCCL to this rank's GPU up front
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        log.info("process group %s: rank %d of %d on %s", backend, rank, world_size, device)
+    return DistContext(World(rank=rank, world_size=world_size), local_rank, device, backend)
+
+
+def teardown_distributed(ctx: DistContext) -> None:
+    """Destroy the process group started by :func:`setup_distributed`, if any."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class FaceModel(nn.Module):
+    """Backbone + margin head as one module: ``forward(images, labels) -> loss``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images), labels)
+
+
+def wrap_for_training(backbone: nn.Module, head: nn.Module, ctx: DistContext, head_sharded: bool) -> nn.Module:
+    """The module the loop calls. Alone: plain FaceModel. Distributed: DDP around backbone+head,
+    or around the backbone only when the head is sharded (Partial FC)."""
+    if not ctx.distributed:
+        return FaceModel(backbone, head)
+    device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
+    if head_sharded:
+        return FaceModel(nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids), head)
+    return nn.parallel.DistributedDataParallel(FaceModel(backbone, head), device_ids=device_ids)
+
+
+def all_reduce_min(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise minimum over ranks (identity when alone)."""
+    if ctx.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
+def gather_objects(obj: object, ctx: DistContext) -> list:
+    """Every rank's `obj`, in rank order (``[obj]`` when alone)."""
+    if not ctx.distributed:
+        return [obj]
+    out: list = [None] * ctx.world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op when alone)."""
+    if ctx.distributed:
+        dist.barrier()
