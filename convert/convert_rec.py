@@ -1,0 +1,600 @@
+"""faces_emore (MXNet RecordIO + ``.bin`` pairs) -> webdataset shards + manifest.
+
+The plan is a seeded permutation of the image record keys (one int64 each: the only
+per-sample state the main process keeps). Shard ``i`` holds plan entries
+``[i*shard_size, (i+1)*shard_size)``; its bytes depend only on the source and the
+settings, never on which process wrote it or when, so ``--workers N`` output equals
+``--workers 1`` and a rerun after a kill ends with the same manifest.
+
+A worker reads its shard's records in key order (sequential on disk), holds that one
+shard's JPEGs, and writes them in plan order through :class:`TarShardWriter` (temp name,
+renamed when complete). Finished shards are recorded in ``convert-state.json``;
+``manifest.json`` appears only when every shard is done.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import simplejpeg
+
+from lresnet.convert import manifest as mf
+from lresnet.convert.errors import InputError
+from lresnet.convert.shards import (
+    ShardInfo,
+    TarShardWriter,
+    file_sha256,
+    iter_members,
+    remove_stale_temp_files,
+)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+# progress(stage, advance, total): stage is "train" or "val"; advance = images done since last call
+ProgressFn = Callable[[str, int, int], None]
+
+KEY_DIGITS_MIN = 9
+PROGRESS_EVERY = 256  # images between progress messages from a worker
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion produced (``as_dict()`` is what ``--json`` prints)."""
+
+    out_dir: str
+    num_samples: int
+    num_classes: int
+    classes_with_images: int
+    image_size: Tuple[int, int]
+    num_shards: int
+    shards_written: int
+    shards_reused: int
+    bytes: int
+    skipped_corrupt: int
+    image_size_mismatches: int
+    val: Dict[str, int] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    images_written: int = 0
+    images_per_s: float = 0.0
+    mb_per_s: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+
+# --------------------------------------------------------------------------- plan
+def shuffle_plan(keys: Union[Sequence[int], np.ndarray], seed: int, shuffle: bool = True) -> np.ndarray:
+    """The order samples are written in: a seeded permutation of ``keys`` (int64)."""
+    arr = np.asarray(keys, dtype=np.int64)
+    if not shuffle:
+        return arr.copy()
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return arr[rng.permutation(arr.shape[0])]
+
+
+def shard_slices(n: int, shard_size: int) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]`` of each shard over a plan of ``n`` entries."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def key_width(max_key: int) -> int:
+    """Digits of the zero-padded sample KEY (at least 9, so keys sort as numbers)."""
+    return max(KEY_DIGITS_MIN, len(str(max(0, int(max_key)))))
+
+
+# --------------------------------------------------------------------------- source
+def _open_source(src_dir: PathLike):
+    """Open faces_emore through the RecordIO reader (imported here: workers open their own)."""
+    from lresnet.convert.recordio import FacesEmore
+
+    return FacesEmore(src_dir)
+
+
+def source_fingerprint(src_dir: Path) -> Dict[str, Any]:
+    """What identifies the input for resuming: sizes, the property line, the idx hash."""
+    rec = src_dir / "train.rec"
+    idx = src_dir / "train.idx"
+    prop = src_dir / "property"
+    fp: Dict[str, Any] = {"rec": rec.name}
+    try:
+        fp["rec_bytes"] = rec.stat().st_size
+    except FileNotFoundError:
+        raise InputError(rec, "file not found") from None
+    fp["idx_sha256"] = file_sha256(idx) if idx.is_file() else None
+    try:
+        fp["property"] = prop.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        raise InputError(prop, "file not found (expected 'classes,height,width')") from None
+    return fp
+
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(height, width) from the JPEG header, or None if it is not a readable JPEG."""
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, TypeError):
+        return None
+    return int(h), int(w)
+
+
+# --------------------------------------------------------------------------- workers
+_STATE: Dict[str, Any] = {}
+
+
+def _init_worker(src_dir: str, abort_event, progress_queue) -> None:
+    """Per-process setup: the source is opened lazily here, never inherited from the parent."""
+    _STATE.clear()
+    _STATE.update(src_dir=src_dir, abort=abort_event, queue=progress_queue, ppid=os.getppid(), source=None)
+
+
+def _worker_source():
+    if _STATE.get("source") is None:
+        _STATE["source"] = _open_source(_STATE["src_dir"])
+    return _STATE["source"]
+
+
+class _Aborted(Exception):
+    """The parent asked to stop (or died): drop the shard in progress."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its index, the keys in write order and where it goes."""
+
+    index: int
+    keys: np.ndarray
+    train_dir: str
+    key_digits: int
+    image_size: Tuple[int, int]
+    skip_corrupt: bool
+
+
+def write_train_shard(job: ShardJob, source=None, report: Optional[Callable[[int], None]] = None
+                      ) -> Dict[str, Any]:
+    """Write shard ``job.index``: read its records (in key order), write them in plan order.
+
+    Returns ``{"info": ShardInfo dict, "skipped", "size_mismatch", "labels"}`` or, on bad
+    input in a worker process, ``{"error": (path, message, where)}`` (InputError does not
+    survive pickling with its fields).
+    """
+    in_worker = source is None
+    try:
+        if in_worker:
+            source = _worker_source()
+            report = _queue_reporter()
+        return _write_train_shard(job, source, report)
+    except InputError as err:
+        if not in_worker:
+            raise
+        return {"error": (err.path, err.message, err.where)}
+    except _Aborted:
+        return {"aborted": True}
+
+
+def _queue_reporter() -> Callable[[int], None]:
+    q = _STATE["queue"]
+    abort = _STATE["abort"]
+    ppid = _STATE["ppid"]
+
+    def report(n: int) -> None:
+        if abort.is_set() or os.getppid() != ppid:
+            raise _Aborted()
+        q.put(n)
+
+    return report
+
+
+def _write_train_shard(job: ShardJob, source, report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
+    stem = mf.shard_stem(job.index)
+    train_dir = Path(job.train_dir)
+    images: Dict[int, Tuple[int, bytes]] = {}
+    skipped = 0
+    mismatch = 0
+    pending = 0
+    for key in sorted(int(k) for k in job.keys):   # key order ~ file order: sequential reads
+        try:
+            label, jpeg = source.read_image(key)
+            size = _jpeg_size(jpeg)
+            if size is None:
+                raise InputError(source.rec_path, "image is not a readable JPEG", where=f"record {key}")
+        except InputError:
+            if not job.skip_corrupt:
+                raise
+            skipped += 1
+            continue
+        if size != tuple(job.image_size):
+            mismatch += 1
+        images[key] = (label, jpeg)
+        pending += 1
+        if report is not None and pending >= PROGRESS_EVERY:
+            report(pending)
+            pending = 0
+    written_labels: List[int] = []
+    writer = TarShardWriter(train_dir / f"{stem}.tar", train_dir / f"{stem}.idx")
+    try:
+        digits = job.key_digits
+        for key in job.keys:
+            item = images.pop(int(key), None)
+            if item is None:
+                continue  # skipped as corrupt
+            label, jpeg = item
+            k = str(int(key)).zfill(digits)
+            writer.add(f"{k}.jpg", jpeg)
+            writer.add(f"{k}.cls", str(label).encode("ascii"))
+            written_labels.append(label)
+        info = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    labels = np.unique(np.asarray(written_labels, dtype=np.int64))
+    if report is not None and pending:
+        report(pending)
+    return {"info": info.as_dict(), "skipped": skipped, "size_mismatch": mismatch, "labels": labels}
+
+
+# --------------------------------------------------------------------------- val sets
+def write_val_set(name: str, bin_path: PathLike, val_dir: Path,
+                  image_size: Tuple[int, int]) -> Tuple[ShardInfo, int, int]:
+    """``<set>.bin`` -> ``val/<set>.tar``: one sample per pair, original order.
+
+    Returns (shard info, pairs, images whose JPEG size differs from ``image_size``).
+    """
+    from lresnet.convert.pairs import load_bin
+
+    pairs = load_bin(bin_path)
+    images, issame = pairs.images, pairs.issame  # load_bin checked 2 images per pair
+    digits = max(6, len(str(max(0, len(issame) - 1))))
+    mismatch = 0
+    with TarShardWriter(val_dir / f"{name}.tar") as writer:
+        for k, same in enumerate(issame):
+            a, b = images[2 * k], images[2 * k + 1]
+            for img, which in ((a, 2 * k), (b, 2 * k + 1)):
+                size = _jpeg_size(img)
+                if size is None:
+                    raise InputError(bin_path, "image is not a readable JPEG", where=f"image {which}")
+                mismatch += size != tuple(image_size)
+            key = str(k).zfill(digits)
+            writer.add(f"{key}.a.jpg", bytes(a))
+            writer.add(f"{key}.b.jpg", bytes(b))
+            writer.add(f"{key}.same", b"1" if same else b"0")
+        info = writer.close()
+    return info, len(issame), mismatch
+
+
+# --------------------------------------------------------------------------- resume
+def _reusable(path: Path, recorded: Optional[Dict[str, Any]], need_index: bool) -> bool:
+    """A recorded shard is reused only if it is on disk with the recorded size and sha256."""
+    if not recorded:
+        return False
+    try:
+        if path.stat().st_size != recorded["bytes"]:
+            return False
+    except FileNotFoundError:
+        return False
+    if need_index and not path.with_suffix(".idx").is_file():
+        return False
+    return file_sha256(path) == recorded["sha256"]
+
+
+def _labels_in_shard(path: Path) -> np.ndarray:
+    """Class ids stored in a finished shard (its ``.cls`` members), for the class-count check."""
+    labels = [int(data) for _, _, _, data in iter_members(path, with_data=(".cls",)) if data is not None]
+    return np.unique(np.asarray(labels, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- main entry
+def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, workers: int = 1,
+                seed: int = 0, shuffle: bool = True, sets: Optional[Iterable[str]] = None,
+                skip_corrupt: bool = False, progress: Optional[ProgressFn] = None) -> ConvertSummary:
+    """Convert a faces_emore folder into ``OUT/train/*.tar`` + manifest and ``OUT/val/<set>.tar``.
+
+    Args:
+        src_dir: folder with ``train.rec`` (+ ``train.idx``), ``property`` and ``<set>.bin``.
+        out_dir: output folder; a rerun with the same arguments resumes (or reuses) it.
+        shard_size: images per train shard.
+        workers: processes writing shards in parallel (output is identical for any value).
+        seed: seed of the global shuffle.
+        shuffle: False keeps the source record order.
+        sets: verification sets to convert (None: every ``.bin`` found).
+        skip_corrupt: skip unreadable records (counted) instead of failing.
+        progress: called as ``progress(stage, advance, total)``.
+    Returns:
+        a :class:`ConvertSummary`.
+    Raises:
+        InputError: bad input (names the file and record/offset), or ``out_dir`` holding a
+            conversion made with other settings.
+    """
+    t0 = time.perf_counter()
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if shard_size < 1:
+        raise InputError("--shard-size", f"got {shard_size}, expected a positive number of images")
+    if workers < 1:
+        raise InputError("--workers", f"got {workers}, expected at least 1")
+    if not src_dir.is_dir():
+        raise InputError(src_dir, "source folder not found")
+    fingerprint = source_fingerprint(src_dir)
+
+    source = _open_source(src_dir)
+    try:
+        num_classes = int(source.num_classes)
+        image_size = (int(source.image_size[0]), int(source.image_size[1]))
+        keys = np.asarray(source.image_keys, dtype=np.int64)
+        bins = {k: Path(v) for k, v in source.bin_files().items()}
+    except BaseException:
+        source.close()
+        raise
+    if workers > 1:
+        source.close()  # workers open their own; the parent needs only the plan
+        source = None
+    try:
+        wanted = _select_sets(sets, bins, src_dir)
+        plan = shuffle_plan(keys, seed, shuffle)
+        del keys
+        header = {
+            "format": mf.FORMAT,
+            "num_samples": 0,
+            "num_classes": num_classes,
+            "image_size": list(image_size),
+            "seed": int(seed),
+            "shuffle": bool(shuffle),
+            "shard_size": int(shard_size),
+            "key_digits": key_width(int(plan.max()) if plan.size else 0),
+            "source": fingerprint,
+        }
+        train_dir, val_dir = out_dir / mf.TRAIN_DIR, out_dir / mf.VAL_DIR
+        recorded = _previous_record(out_dir, train_dir, header)
+        train_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(train_dir)
+        if wanted:
+            val_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(val_dir)
+
+        state = _RunState(header=header, recorded=recorded, train_dir=train_dir, num_classes=num_classes)
+        val_mismatch = _convert_val_sets(wanted, bins, val_dir, image_size, state, progress)
+        written = _convert_train(plan, source, src_dir, state, image_size, shard_size, workers,
+                                 skip_corrupt, progress)
+    finally:
+        if source is not None:
+            source.close()
+
+    shards = [state.shards[mf.shard_stem(i)] for i in range(len(shard_slices(plan.size, shard_size)))]
+    manifest = dict(header)
+    manifest["num_samples"] = sum(s["count"] for s in shards)
+    manifest["skipped_corrupt"] = sum(s["skipped"] for s in shards)
+    manifest["shards"] = [{k: s[k] for k in ("name", "count", "bytes", "sha256")} for s in shards]
+    manifest["val"] = [state.val[name] for name in sorted(state.val)]
+    mf.write_json_atomic(train_dir / mf.MANIFEST_NAME, manifest)
+
+    seconds = time.perf_counter() - t0
+    present = int(state.seen.sum())
+    summary = ConvertSummary(
+        out_dir=str(out_dir),
+        num_samples=manifest["num_samples"],
+        num_classes=num_classes,
+        classes_with_images=present,
+        image_size=image_size,
+        num_shards=len(shards),
+        shards_written=written,
+        shards_reused=len(shards) - written,
+        bytes=sum(s["bytes"] for s in shards),
+        skipped_corrupt=manifest["skipped_corrupt"],
+        image_size_mismatches=sum(s["size_mismatch"] for s in shards) + val_mismatch,
+        val={v["set"]: v["pairs"] for v in manifest["val"]},
+        seconds=seconds,
+        images_written=state.images_written,
+        images_per_s=state.images_written / seconds if seconds > 0 else 0.0,
+        mb_per_s=state.bytes_written / seconds / 1e6 if seconds > 0 else 0.0,
+    )
+    summary.warnings.extend(_property_warnings(src_dir, summary))
+    for w in summary.warnings:
+        log.warning("%s", w)
+    return summary
+
+
+def _select_sets(sets: Optional[Iterable[str]], bins: Dict[str, Path], src_dir: Path) -> List[str]:
+    if sets is None:
+        return sorted(bins)
+    wanted = [s.strip() for s in sets if s.strip()]
+    for name in wanted:
+        if name not in bins:
+            raise InputError(src_dir / f"{name}.bin", "file not found (asked for by --sets; found: "
+                             + (", ".join(sorted(bins)) or "none") + ")")
+    return wanted
+
+
+def _previous_record(out_dir: Path, train_dir: Path, header: Dict[str, Any]) -> Dict[str, Any]:
+    """Shards (and val sets) recorded by an earlier run with the same settings.
+
+    Raises InputError if ``out_dir`` holds a conversion made with different settings:
+    its complete shards are never overwritten with different content.
+    """
+    want = mf.settings_of(header)
+    final = train_dir / mf.MANIFEST_NAME
+    state = mf.read_state(train_dir)
+    if final.is_file():
+        old = mf.read_manifest(final)
+        if mf.settings_of(old) != want:
+            raise InputError(final, "holds a conversion made with other settings ("
+                             + mf.describe_difference(old, header)
+                             + "); choose another OUT_DIR or delete this one")
+        if state is None or mf.settings_of(state.get("header", {})) != want:
+            raise InputError(train_dir / mf.STATE_NAME, "missing or from other settings; cannot "
+                             "tell which shards are complete: choose another OUT_DIR or delete this one")
+    elif state is not None and mf.settings_of(state.get("header", {})) != want:
+        raise InputError(train_dir / mf.STATE_NAME, "an unfinished conversion with other settings ("
+                         + mf.describe_difference(state.get("header", {}), header)
+                         + ") is here; choose another OUT_DIR or delete this one")
+    if state is not None:
+        return {"shards": state["shards"], "val": state.get("val", {})}
+    if train_dir.is_dir() and any(train_dir.glob("train-*.tar")):
+        raise InputError(train_dir, "holds shards but no convert-state.json; choose another OUT_DIR "
+                         "or delete this one")
+    return {"shards": {}, "val": {}}
+
+
+@dataclass
+class _RunState:
+    """Book-keeping of one run: finished shards (persisted after each), classes seen, counters."""
+
+    header: Dict[str, Any]
+    recorded: Dict[str, Any]
+    train_dir: Path
+    num_classes: int
+    shards: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    val: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    images_written: int = 0
+    bytes_written: int = 0
+    seen: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.seen = np.zeros(max(self.num_classes, 1), dtype=bool)
+
+    def mark_labels(self, labels: np.ndarray) -> None:
+        labels = labels[(labels >= 0) & (labels < self.seen.shape[0])]
+        self.seen[labels] = True
+
+    def save(self) -> None:
+        mf.write_json_atomic(self.train_dir / mf.STATE_NAME, {
+            "format": mf.STATE_FORMAT, "header": self.header,
+            "shards": self.shards, "val": self.val})
+
+
+def _convert_val_sets(wanted: List[str], bins: Dict[str, Path], val_dir: Path,
+                      image_size: Tuple[int, int], state: _RunState,
+                      progress: Optional[ProgressFn]) -> int:
+    mismatch = 0
+    for name in wanted:
+        rec = state.recorded["val"].get(name)
+        if rec is not None and _reusable(val_dir / rec["name"], rec, need_index=False):
+            state.val[name] = rec
+            mismatch += rec.get("size_mismatch", 0)
+            continue
+        info, pairs, mm = write_val_set(name, bins[name], val_dir, image_size)
+        mismatch += mm
+        state.val[name] = dict(info.as_dict(), set=name, pairs=pairs, size_mismatch=mm)
+        state.bytes_written += info.bytes
+        if progress is not None:
+            progress("val", pairs, pairs)
+    return mismatch
+
+
+def _convert_train(plan: np.ndarray, source, src_dir: Path, state: _RunState,
+                   image_size: Tuple[int, int], shard_size: int, workers: int, skip_corrupt: bool,
+                   progress: Optional[ProgressFn]) -> int:
+    """Write every shard not reusable from an earlier run; returns how many were written."""
+    jobs: List[ShardJob] = []
+    for i, (start, stop) in enumerate(shard_slices(plan.size, shard_size)):
+        stem = mf.shard_stem(i)
+        rec = state.recorded["shards"].get(stem)
+        path = state.train_dir / f"{stem}.tar"
+        if rec is not None and _reusable(path, rec, need_index=True):
+            state.shards[stem] = rec
+            state.mark_labels(_labels_in_shard(path))
+            continue
+        jobs.append(ShardJob(i, plan[start:stop], str(state.train_dir), state.header["key_digits"],
+                             image_size, skip_corrupt))
+    if state.shards:
+        log.info("resuming: %d of %d shards already complete", len(state.shards),
+                 len(state.shards) + len(jobs))
+    state.save()
+    total = int(sum(j.keys.size for j in jobs))
+    if progress is not None:
+        progress("train", 0, total)
+
+    def finished(result: Dict[str, Any]) -> None:
+        info = result["info"]
+        stem = info["name"].rsplit(".", 1)[0]
+        state.shards[stem] = dict(info, skipped=result["skipped"], size_mismatch=result["size_mismatch"])
+        state.mark_labels(result["labels"])
+        state.images_written += info["count"]
+        state.bytes_written += info["bytes"]
+        state.save()
+
+    if workers == 1 or len(jobs) <= 1:
+        if source is None:
+            source = _open_source(src_dir)
+        report = None if progress is None else (lambda n: progress("train", n, total))
+        for job in jobs:
+            finished(write_train_shard(job, source=source, report=report))
+        return len(jobs)
+    _run_parallel(jobs, src_dir, workers, finished, progress, total)
+    return len(jobs)
+
+
+def _run_parallel(jobs: List[ShardJob], src_dir: Path, workers: int,
+                  finished: Callable[[Dict[str, Any]], None], progress: Optional[ProgressFn],
+                  total: int) -> None:
+    """Write ``jobs`` in ``workers`` spawned processes, at most 2 per worker in flight."""
+    ctx = mp.get_context("spawn")
+    abort = ctx.Event()
+    progress_queue = ctx.Queue()
+    todo = list(reversed(jobs))
+    error: Optional[Tuple[Any, ...]] = None
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                initializer=_init_worker,
+                                initargs=(str(src_dir), abort, progress_queue)) as pool:
+        running = set()
+        try:
+            while todo or running:
+                while todo and len(running) < 2 * workers and error is None:
+                    running.add(pool.submit(write_train_shard, todo.pop()))
+                done, running = cf.wait(running, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                _drain(progress_queue, progress, total)
+                for fut in done:
+                    result = fut.result()
+                    if "error" in result:
+                        if error is None:
+                            error = result["error"]
+                            abort.set()
+                    elif "info" in result and error is None:
+                        finished(result)
+                if error is not None:
+                    todo.clear()
+        except BaseException:
+            abort.set()
+            for fut in running:
+                fut.cancel()
+            raise
+        finally:
+            _drain(progress_queue, progress, total)
+    if error is not None:
+        raise InputError(*error)
+
+
+def _drain(q, progress: Optional[ProgressFn], total: int) -> None:
+    n = 0
+    while True:
+        try:
+            n += q.get_nowait()
+        except queue_mod.Empty:
+            break
+    if n and progress is not None:
+        progress("train", n, total)
+
+
+def _property_warnings(src_dir: Path, summary: ConvertSummary) -> List[str]:
+    """Mismatches between the data and ``property`` (reported, not fatal)."""
+    out = []
+    prop = src_dir / "property"
+    if summary.classes_with_images != summary.num_classes:
+        out.append(f"{prop}: says {summary.num_classes} classes, images found for "
+                   f"{summary.classes_with_images}")
+    if summary.image_size_mismatches:
+        h, w = summary.image_size
+        out.append(f"{prop}: says images are {h}x{w}, {summary.image_size_mismatches} images differ")
+    if summary.skipped_corrupt:
+        out.append(f"{src_dir / 'train.rec'}: skipped {summary.skipped_corrupt} corrupt records")
+    return out
