@@ -1,0 +1,287 @@
+"""Load existing IR / IR-SE weights into lresnet backbones.
+
+Sources (detected from the key names, or named explicitly):
+
+- ``arcface_torch``: InsightFace's PyTorch ``iresnet*`` (``conv1, bn1, prelu,
+  layer{1-4}.i.{bn1,conv1,bn2,prelu,conv2,bn3}, layer{k}.0.downsample.{0,1}, bn2, fc, features``).
+  Paper-style units; expects RGB input; returns raw embeddings.
+- ``treb1en``: TreB1eN InsightFace_Pytorch ``Backbone`` (``input_layer.{0,1,2},
+  body.N.res_layer.{0..5}, body.N.shortcut_layer.{0,1}, output_layer.{0,3,4}``) and its ports.
+  TreB1eN-style units; expects BGR input; its forward L2-normalises the embedding.
+- ``lresnet``: this project's own key names.
+
+The backbone must have the source's unit style (``create_backbone("ir50")`` for arcface_torch
+``iresnet50``, ``create_backbone("irse50")`` or ``create_backbone("ir50", unit_style="treb1en")``
+for TreB1eN); :func:`describe_state_dict` tells which one a state dict needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from lresnet.convert.errors import InputError
+from lresnet.model.iresnet import IResNet
+
+SOURCES = ("arcface_torch", "treb1en", "lresnet")
+_CHANNEL_ORDER = {"arcface_torch": "RGB", "treb1en": "BGR", "lresnet": "RGB"}
+_L2_NORMALIZED = {"arcface_torch": False, "treb1en": True, "lresnet": False}
+_UNIT_STYLE = {"arcface_torch": "paper", "treb1en": "treb1en"}
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_LISTED = 8
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """What a caller must know to use imported weights.
+
+    Attributes:
+        source: ``"arcface_torch"``, ``"treb1en"`` or ``"lresnet"``.
+        channel_order: ``"RGB"`` or ``"BGR"``: the input channel order the weights were trained on.
+        l2_normalized: the source model L2-normalises its output (lresnet backbones never do;
+            normalise the embedding to reproduce the source's output).
+    """
+
+    source: str
+    channel_order: str
+    l2_normalized: bool
+
+
+@dataclass(frozen=True)
+class StateDictSpec:
+    """The architecture a state dict describes (:func:`describe_state_dict`)."""
+
+    source: str
+    units: tuple[int, ...]
+    se: bool
+    embedding_size: int
+    unit_style: str
+
+    def backbone_hint(self) -> str:
+        """The ``create_backbone`` call that fits, e.g. ``create_backbone('irse50', unit_style='treb1en')``."""
+        from lresnet.model.iresnet import UNITS
+
+        depth = next((d for d, u in UNITS.items() if u == self.units), None)
+        name = f"{'irse' if self.se else 'ir'}{depth}" if depth else f"IResNet(units={self.units})"
+        return f"create_backbone({name!r}, unit_style={self.unit_style!r}, embedding_size={self.embedding_size})"
+
+
+def detect_source(state_dict: StateDict) -> str:
+    """``"arcface_torch"``, ``"treb1en"`` or ``"lresnet"`` from the key names.
+
+    Raises:
+        InputError: the keys match none of them.
+    """
+    keys = set(_strip_wrappers(state_dict))
+    if "input_layer.0.weight" in keys or any(k.startswith("body.") for k in keys):
+        return "treb1en"
+    if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        return "arcface_torch"
+    if "stem.conv.weight" in keys and any(k.startswith("stages.") for k in keys):
+        return "lresnet"
+    sample = ", ".join(sorted(keys)[:5]) or "no keys"
+    raise InputError(None, f"cannot tell the source of this state dict (first keys: {sample}); "
+                           f"expected one of {', '.join(SOURCES)}")
+
+
+def describe_state_dict(state_dict: StateDict, source: str = "auto") -> StateDictSpec:
+    """Depth (units per stage), SE, embedding size and unit style of an IR state dict."""
+    sd = _strip_wrappers(state_dict)
+    source = detect_source(sd) if source == "auto" else _check_source(source)
+    if source == "treb1en":
+        out_channels = [sd[f"body.{n}.res_layer.1.weight"].shape[0] for n in _indices(sd, r"body\.(\d+)\.")]
+        units = _run_lengths(out_channels)
+        se = any(".res_layer.5." in k for k in sd)
+        embedding_size = sd["output_layer.3.weight"].shape[0]
+        style = "treb1en"
+    elif source == "arcface_torch":
+        units = tuple(len(_indices(sd, rf"layer{k}\.(\d+)\.")) for k in range(1, 5))
+        se = False
+        embedding_size = sd["fc.weight"].shape[0]
+        style = "paper"
+    else:
+        units = tuple(len(_indices(sd, rf"stages\.{k}\.(\d+)\.")) for k in range(4))
+        se = any(".se." in k for k in sd)
+        embedding_size = sd["head.fc.weight"].shape[0]
+        style = "paper" if any(re.search(r"stages\.\d+\.\d+\.bn2\.weight$", k) for k in sd) else "treb1en"
+    return StateDictSpec(source, tuple(units), se, int(embedding_size), style)
+
+
+def load_weights(backbone: nn.Module, state_dict_or_path: Union[StateDict, str, "os.PathLike[str]"],
+                 source: str = "auto") -> WeightInfo:
+    """Copy an arcface_torch / TreB1eN / lresnet state dict into an lresnet IR backbone, in place.
+
+    Args:
+        backbone: an :class:`IResNet` of the source's depth, SE setting and unit style.
+        state_dict_or_path: a state dict, or a file saved with ``torch.save`` (loaded with
+            ``weights_only=True``; a ``{"state_dict": ...}`` wrapper and ``module.`` prefixes are fine).
+        source: ``"auto"`` (from the keys) or one of ``arcface_torch``, ``treb1en``, ``lresnet``.
+
+    Returns:
+        :class:`WeightInfo` (source, input channel order, whether the source L2-normalises).
+        It is also stored as ``backbone.weight_info``.
+
+    Raises:
+        InputError: unreadable file, unknown source, or keys/shapes that do not fit the backbone
+            (the message lists them and names the backbone that would fit).
+    """
+    path = None
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        path = os.fspath(state_dict_or_path)
+        state_dict = _read(path)
+    else:
+        state_dict = state_dict_or_path
+    where = path or "state dict"
+    if not isinstance(backbone, IResNet):
+        raise InputError(where, f"weights can be loaded into IR/IR-SE backbones only, got {type(backbone).__name__}")
+    sd = _strip_wrappers(state_dict)
+    try:
+        source = detect_source(sd) if source == "auto" else _check_source(source)
+    except InputError as err:
+        raise InputError(where, err.message) from None
+
+    expected_style = _UNIT_STYLE.get(source, backbone.unit_style)
+    if backbone.unit_style != expected_style:
+        raise InputError(where, f"{source} weights need unit_style={expected_style!r}, the backbone has "
+                                f"{backbone.unit_style!r}; build it with {_hint(sd, source)}")
+
+    mapped, origin, unmapped = _translate(sd, source, backbone)
+    target = backbone.state_dict()
+    missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
+    unexpected = unmapped + [f"{origin[dst]} (as {dst})" for dst in mapped if dst not in target]
+    shapes = [f"{origin[dst]} {tuple(mapped[dst].shape)} vs {dst} {tuple(target[dst].shape)}"
+              for dst in mapped if dst in target and mapped[dst].shape != target[dst].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
+                parts.append(f"{label}: {shown}")
+        raise InputError(where, f"{source} weights do not fit {_backbone_name(backbone)}: " + "; ".join(parts)
+                         + f"; the weights fit {_hint(sd, source)}")
+    # num_batches_tracked may be absent from old checkpoints; the backbone keeps its own.
+    backbone.load_state_dict({k: v for k, v in mapped.items() if k in target}, strict=False)
+    info = WeightInfo(source, _CHANNEL_ORDER[source], _L2_NORMALIZED[source])
+    backbone.weight_info = info
+    return info
+
+
+def _read(path: str) -> StateDict:
+    if not os.path.exists(path):
+        raise InputError(path, "no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a bad or non-tensor pickle
+        raise InputError(path, f"cannot read weights ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "backbone", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise InputError(path, "not a state dict (expected a mapping of names to tensors, "
+                           "or one under 'state_dict', 'backbone' or 'model')")
+
+
+def _strip_wrappers(state_dict: StateDict) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise InputError(None, f"unknown weight source {source!r}; expected auto or one of {', '.join(SOURCES)}")
+    return source
+
+
+def _indices(sd: StateDict, pattern: str) -> list[int]:
+    found = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+    return sorted(found)
+
+
+def _run_lengths(values: list[int]) -> tuple[int, ...]:
+    runs: list[int] = []
+    previous = None
+    for v in values:
+        if v == previous:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        previous = v
+    return tuple(runs)
+
+
+def _hint(sd: StateDict, source: str) -> str:
+    try:
+        return describe_state_dict(sd, source).backbone_hint()
+    except (KeyError, InputError, IndexError):
+        return "a backbone of the same architecture"
+
+
+def _backbone_name(backbone: IResNet) -> str:
+    return f"{'IR-SE' if backbone.se else 'IR'}-{backbone.depth} (units {backbone.units}, unit_style={backbone.unit_style!r})"
+
+
+# --- key translation -------------------------------------------------------------------------
+
+_ARCFACE_UNIT = {"bn1": "bn1", "conv1": "conv1", "bn2": "bn2", "prelu": "act", "conv2": "conv2", "bn3": "bn3",
+                 "downsample.0": "shortcut.0", "downsample.1": "shortcut.1"}
+_ARCFACE_TOP = {"conv1": "stem.conv", "bn1": "stem.bn", "prelu": "stem.act", "bn2": "head.bn",
+                "fc": "head.fc", "features": "head.features"}
+_TREB1EN_RES = {"0": "bn1", "1": "conv1", "2": "act", "3": "conv2", "4": "bn3", "5.fc1": "se.fc1", "5.fc2": "se.fc2"}
+_TREB1EN_TOP = {"input_layer.0": "stem.conv", "input_layer.1": "stem.bn", "input_layer.2": "stem.act",
+                "output_layer.0": "head.bn", "output_layer.3": "head.fc", "output_layer.4": "head.features"}
+
+
+def _target_key(key: str, source: str, unit_position: list[tuple[int, int]]) -> Optional[str]:
+    """The lresnet name of one source key, or None when it has no counterpart."""
+    module, _, leaf = key.rpartition(".")
+    if source == "lresnet":
+        return key
+    if source == "arcface_torch":
+        m = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", module)
+        if m:
+            part = _ARCFACE_UNIT.get(m.group(3))
+            return f"stages.{int(m.group(1)) - 1}.{m.group(2)}.{part}.{leaf}" if part else None
+        top = _ARCFACE_TOP.get(module)
+        return f"{top}.{leaf}" if top else None
+    m = re.fullmatch(r"body\.(\d+)\.(res_layer|shortcut_layer)\.(.+)", module)
+    if m:
+        n = int(m.group(1))
+        if n >= len(unit_position):
+            return None
+        stage, index = unit_position[n]
+        part = _TREB1EN_RES.get(m.group(3)) if m.group(2) == "res_layer" else f"shortcut.{m.group(3)}"
+        return f"stages.{stage}.{index}.{part}.{leaf}" if part else None
+    top = _TREB1EN_TOP.get(module)
+    return f"{top}.{leaf}" if top else None
+
+
+def _translate(sd: StateDict, source: str, backbone: IResNet
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """(lresnet key -> tensor, lresnet key -> source key, source keys with no counterpart)."""
+    positions = [(s, i) for s, count in enumerate(backbone.units) for i in range(count)]
+    mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    unmapped: list[str] = []
+    for key, value in sd.items():
+        dst = _target_key(key, source, positions)
+        if dst is None:
+            unmapped.append(key)
+        else:
+            mapped[dst] = value
+            origin[dst] = key
+    return mapped, origin, unmapped
