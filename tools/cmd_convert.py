@@ -2,8 +2,277 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from lresnet.convert.errors import InputError
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second of a task."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- img/s" if speed is None else f"{speed:,.0f} img/s", style="progress.data.speed")
+
+
+def _progress_bar(console: Console) -> Progress:
+    """Images done, images/s, elapsed, ETA; drawn only on a terminal (logs and pipes stay clean)."""
+    return Progress(TextColumn("[bold]{task.description:>5}"), BarColumn(), MofNCompleteColumn(),
+                    _RateColumn(), TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=False,
+                    disable=not console.is_terminal)
+
+
+def _summary_table(summary: Dict) -> Table:
+    table = Table(title="convert-rec summary", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    h, w = summary["image_size"]
+    rows = [
+        ("output", summary["out_dir"]),
+        ("images", f"{summary['num_samples']:,}"),
+        ("classes (with images)", f"{summary['num_classes']:,} ({summary['classes_with_images']:,})"),
+        ("image size", f"{h}x{w}"),
+        ("shards (written / reused)",
+         f"{summary['num_shards']} ({summary['shards_written']} / {summary['shards_reused']})"),
+        ("train bytes", f"{summary['bytes'] / 1e6:,.1f} MB"),
+        ("skipped corrupt", f"{summary['skipped_corrupt']:,}"),
+        ("image size mismatches", f"{summary['image_size_mismatches']:,}"),
+        ("val sets (pairs)", ", ".join(f"{k} ({v})" for k, v in summary["val"].items()) or "none"),
+        ("time", f"{summary['seconds']:.1f} s"),
+        ("throughput", f"{summary['images_per_s']:,.0f} img/s, {summary['mb_per_s']:,.1f} MB/s written"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def _parse_sets(sets: Optional[str]):
+    if sets is None:
+        return None
+    names = [s.strip() for s in sets.split(",") if s.strip()]
+    if not names:
+        raise InputError("--sets", f"got {sets!r}, expected comma-separated set names like lfw,agedb_30")
+    return names
+
+
+def convert_rec_command(
+    src_dir: Path = typer.Argument(..., help="faces_emore folder: train.rec, train.idx, property, *.bin"),
+    out_dir: Path = typer.Argument(..., help="output folder (train/ shards + manifest, val/ pair sets)"),
+    shard_size: int = typer.Option(10000, "--shard-size", help="images per train shard"),
+    workers: int = typer.Option(1, "--workers", help="processes writing shards (output is identical)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the global shuffle"),
+    no_shuffle: bool = typer.Option(False, "--no-shuffle", help="keep the source record order"),
+    sets: Optional[str] = typer.Option(None, "--sets", help="verification sets to convert, e.g. "
+                                       "lfw,agedb_30 (default: every .bin found)"),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="skip unreadable records, count them"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Convert faces_emore (MXNet RecordIO) into webdataset shards; a rerun resumes."""
+    from lresnet.convert import convert_rec
+
+    console = Console(stderr=True)
+    bar = _progress_bar(console)
+    tasks: Dict[str, int] = {}
+
+    def progress(stage: str, advance: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # lazily: an error before any work prints only its one line
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], advance=advance, total=total)
+
+    try:
+        summary = convert_rec(src_dir, out_dir, shard_size=shard_size, workers=workers, seed=seed,
+                              shuffle=not no_shuffle, sets=_parse_sets(sets), skip_corrupt=skip_corrupt,
+                              progress=progress)
+    finally:
+        if tasks:
+            bar.stop()
+    data = summary.as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+        return
+    Console().print(_summary_table(data))
+    for w in summary.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def inspect_command(
+    out_dir: Path = typer.Argument(..., help="a convert-rec output folder (or its manifest.json)"),
+    verify: bool = typer.Option(False, "--verify", help="check every shard's size and sha256"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Print a shard manifest's summary; --verify checks every shard's sha256 (exit 2 if bad)."""
+    from lresnet.convert import read_manifest, summarize, verify_shards
+
+    summary = summarize(read_manifest(out_dir))
+    if verify:
+        console = Console(stderr=True)
+        total = summary["bytes"]
+        with Progress(TextColumn("verify"), BarColumn(), TimeRemainingColumn(), console=console,
+                      disable=not console.is_terminal) as bar:
+            task = bar.add_task("verify", total=total)
+            report = verify_shards(out_dir, progress=lambda n: bar.update(task, advance=n))
+        summary["verified"] = {"shards": report.shards, "val_sets": report.val_sets, "bytes": report.bytes}
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+        return
+    table = Table(title=f"{out_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        if k == "val":
+            v = ", ".join(f"{name} ({pairs} pairs)" for name, pairs in v.items()) or "none"
+        elif k == "verified":
+            v = f"OK: {v['shards']} shards + {v['val_sets']} val sets, sha256 match"
+        table.add_row(k, str(v))
+    Console().print(table)
+
+
+# --------------------------------------------------------------------------- bench
+_RSS_CHILD = """
+import json, resource, sys, time
+from lresnet.convert import convert_rec
+src, out, workers, shard_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t = time.perf_counter()
+s = convert_rec(src, out, shard_size=shard_size, workers=workers, sets=[])
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": dt, "images": s.num_samples, "bytes": s.bytes,
+                  "rss_main_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "rss_workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def _ensure_synth(data_dir: Path, images: int, seed: int) -> Path:
+    """A synthetic faces_emore of about ``images`` images in ``data_dir`` (reused if already there)."""
+    marker = data_dir / "bench.json"
+    if marker.is_file() and (data_dir / "train.rec").is_file():
+        if json.loads(marker.read_text()).get("images") == images:
+            return data_dir
+    from lresnet.tools.synth import synthesize
+
+    per_id = 50
+    identities = max(1, images // per_id)
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    synthesize(data_dir, identities=identities, images_per_id=per_id, pairs=0, seed=seed, sets=())
+    marker.write_text(json.dumps({"images": images}))
+    return data_dir
+
+
+def _timed_copy(src: Path, dst: Path) -> float:
+    t = time.perf_counter()
+    shutil.copyfile(src, dst)
+    dt = time.perf_counter() - t
+    dst.unlink()
+    return dt
+
+
+def _convert_in_child(src: Path, out: Path, workers: int, shard_size: int) -> Dict:
+    """Run one conversion in a fresh interpreter: its time and peak RSS (main + workers)."""
+    if out.exists():
+        shutil.rmtree(out)
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(src), str(out), str(workers),
+                           str(shard_size)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench conversion failed: {proc.stderr.strip()[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out)
+    return result
+
+
+def bench_convert_command(
+    images: int = typer.Option(50000, "--images", help="images in the synthetic set"),
+    workers: int = typer.Option(2, "--workers", help="conversion processes"),
+    shard_size: int = typer.Option(10000, "--shard-size", help="images per shard"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="cache folder for the synthetic "
+                                            "sets (reused when present); default: a temp folder"),
+    seed: int = typer.Option(0, "--seed", help="synthesis seed"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+) -> None:
+    """Conversion throughput vs a plain copy of the same .rec, and peak RSS at two dataset sizes."""
+    console = Console(stderr=True)
+    tmp_root = None
+    if data_dir is None:
+        tmp_root = Path(tempfile.mkdtemp(prefix="lresnet-bench-convert-"))
+        data_dir = tmp_root
+    data_dir = Path(data_dir)
+    try:
+        small_n = max(1, images // 4)
+        console.print(f"synthesizing {images:,} + {small_n:,} images in {data_dir} (cached) ...")
+        big = _ensure_synth(data_dir / f"synth-{images}", images, seed)
+        small = _ensure_synth(data_dir / f"synth-{small_n}", small_n, seed + 1)
+        rec = big / "train.rec"
+        rec_bytes = rec.stat().st_size
+        work = data_dir / "work"
+        work.mkdir(exist_ok=True)
+        # copy baseline, twice around the conversion; the faster copy is the baseline
+        copy_s = [_timed_copy(rec, work / "copy.rec")]
+        console.print("converting (large set) ...")
+        conv_big = _convert_in_child(big, work / "out-big", workers, shard_size)
+        copy_s.append(_timed_copy(rec, work / "copy.rec"))
+        console.print("converting (small set) ...")
+        conv_small = _convert_in_child(small, work / "out-small", workers, shard_size)
+        copy_mb_s = rec_bytes / min(copy_s) / 1e6
+        conv_mb_s = rec_bytes / conv_big["seconds"] / 1e6
+        result = {
+            "images": conv_big["images"], "workers": workers, "shard_size": shard_size,
+            "rec_mb": rec_bytes / 1e6,
+            "copy_seconds": min(copy_s), "copy_mb_s": copy_mb_s,
+            "convert_seconds": conv_big["seconds"],
+            "convert_images_s": conv_big["images"] / conv_big["seconds"],
+            "convert_mb_s": conv_mb_s,
+            "ratio_to_copy": conv_mb_s / copy_mb_s,
+            "rss": {
+                str(conv_small["images"]): {"main_mb": conv_small["rss_main_kb"] / 1024,
+                                            "worker_mb": conv_small["rss_workers_kb"] / 1024},
+                str(conv_big["images"]): {"main_mb": conv_big["rss_main_kb"] / 1024,
+                                          "worker_mb": conv_big["rss_workers_kb"] / 1024},
+            },
+        }
+    finally:
+        if tmp_root is not None:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    table = Table(title=f"bench convert: {result['images']:,} images, {workers} workers")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("plain copy of train.rec", f"{result['copy_mb_s']:,.0f} MB/s ({result['copy_seconds']:.2f} s)")
+    table.add_row("convert-rec", f"{result['convert_images_s']:,.0f} img/s, {result['convert_mb_s']:,.0f} MB/s "
+                  f"({result['convert_seconds']:.2f} s)")
+    table.add_row("ratio to copy", f"{result['ratio_to_copy']:.2f}x (target >= 0.5x)")
+    for n, rss in result["rss"].items():
+        table.add_row(f"peak RSS at {int(n):,} images", f"main {rss['main_mb']:.0f} MB, "
+                      f"largest worker {rss['worker_mb']:.0f} MB")
+    Console().print(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this area's commands to `app` and its benchmarks to `bench`."""
+    app.command("convert-rec")(convert_rec_command)
+    app.command("inspect")(inspect_command)
+    bench.command("convert")(bench_convert_command)

@@ -1,0 +1,76 @@
+"""Check a conversion's output: the manifest summary and every shard's sha256."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from lresnet.convert.errors import InputError
+from lresnet.convert.manifest import VAL_DIR, read_manifest, manifest_path
+from lresnet.convert.shards import file_sha256
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :func:`verify_shards`: files checked and bytes hashed."""
+
+    shards: int
+    val_sets: int
+    bytes: int
+
+
+def summarize(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The manifest's headline numbers (what ``lresnet inspect`` prints)."""
+    shards = manifest["shards"]
+    counts = [s["count"] for s in shards] or [0]
+    return {
+        "format": manifest["format"],
+        "num_samples": manifest["num_samples"],
+        "num_classes": manifest["num_classes"],
+        "image_size": manifest["image_size"],
+        "num_shards": len(shards),
+        "shard_images_min": min(counts),
+        "shard_images_max": max(counts),
+        "bytes": sum(s["bytes"] for s in shards),
+        "seed": manifest.get("seed"),
+        "shuffle": manifest.get("shuffle"),
+        "skipped_corrupt": manifest.get("skipped_corrupt", 0),
+        "val": {v["set"]: v["pairs"] for v in manifest.get("val", [])},
+    }
+
+
+def verify_shards(out_dir: PathLike, progress: Optional[Callable[[int], None]] = None) -> VerifyReport:
+    """Check that every shard (and val set) in the manifest exists with its size and sha256.
+
+    Args:
+        out_dir: the conversion output folder (or its ``train/`` folder, or the manifest).
+        progress: called with the bytes of each file once it is hashed.
+    Raises:
+        InputError: naming the first shard that is missing, has another size, or another sha256.
+    """
+    path = manifest_path(out_dir)
+    manifest = read_manifest(path)
+    train_dir = path.parent
+    val_dir = train_dir.parent / VAL_DIR
+    files: List[tuple] = [(train_dir / s["name"], s) for s in manifest["shards"]]
+    files += [(val_dir / v["name"], v) for v in manifest.get("val", [])]
+    total = 0
+    for file, entry in files:
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise InputError(file, "shard listed in the manifest is missing") from None
+        if size != entry["bytes"]:
+            raise InputError(file, f"size {size} bytes, the manifest says {entry['bytes']}")
+        digest = file_sha256(file)
+        if digest != entry["sha256"]:
+            raise InputError(file, f"sha256 {digest[:16]}... differs from the manifest's "
+                                   f"{entry['sha256'][:16]}...: the shard is damaged")
+        total += size
+        if progress is not None:
+            progress(size)
+    return VerifyReport(len(manifest["shards"]), len(manifest.get("val", [])), total)
