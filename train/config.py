@@ -40,6 +40,7 @@ class ModelConfig:
     embedding_size: int = 512
     dropout: float = 0.0
     channels_last: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # extra backbone kwargs, e.g. widths = [16, 32, 64, 128]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class HeadConfig:
 
     name: str = "arcface"
     s: float = 64.0
-    m: float = 0.5
+    m: Optional[float] = None  # arcface: 0.5, cosface: 0.4
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
@@ -190,6 +191,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise InputError(key, f"got {value!r}, expected a table of name = value")
+        return {str(k): v for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
@@ -355,6 +360,7 @@ def validate(cfg: TrainConfig) -> None:
 
     _choice("head.name", cfg.head.name, HEADS)
     _check("head.s", cfg.head.s > 0, cfg.head.s, "> 0")
+    _check("head.m", cfg.head.m is None or 0 <= cfg.head.m < math.pi, cfg.head.m, "in [0, pi)")
     _check("head.sample_rate", 0.0 < cfg.head.sample_rate <= 1.0, cfg.head.sample_rate, "in (0, 1]")
     if cfg.head.sample_rate < 1.0 and not cfg.head.partial_fc:
         raise InputError("head.sample_rate", f"got {cfg.head.sample_rate}, expected 1.0 unless head.partial_fc is on")
