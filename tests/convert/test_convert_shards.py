@@ -1,0 +1,174 @@
+"""The direct ustar writer: readable by GNU tar, tarfile and webdataset; DALI index; atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from lresnet.convert.errors import InputError
+from lresnet.convert.shards import (
+    TarShardWriter,
+    file_sha256,
+    iter_members,
+    read_dali_index,
+    remove_stale_temp_files,
+    split_member_name,
+    ustar_header,
+)
+
+SAMPLES = [
+    (f"{k:09d}", [("jpg", os.urandom(n)), ("cls", str(k % 7).encode())])
+    for k, n in enumerate([0, 1, 511, 512, 513, 7000, 10240, 3])
+]
+
+
+def _write(tmp_path, samples=SAMPLES, index=True):
+    path = tmp_path / "s.tar"
+    with TarShardWriter(path, tmp_path / "s.idx" if index else None, buffer_size=4096) as w:
+        for key, members in samples:
+            w.write_sample(key, members)
+    return path
+
+
+def test_header_matches_tarfile_checksum_rules():
+    header = ustar_header(b"000000001.jpg", 12345)
+    info = tarfile.TarInfo.frombuf(header, "ascii", "strict")  # raises on a bad checksum
+    assert (info.name, info.size, info.type, info.mode) == ("000000001.jpg", 12345, tarfile.REGTYPE, 0o644)
+    assert len(header) == 512
+    with pytest.raises(ValueError):
+        ustar_header(b"x" * 101, 1)
+
+
+def test_tarfile_reads_members_and_bytes(tmp_path):
+    path = _write(tmp_path)
+    with tarfile.open(path) as tf:
+        got = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    want = [(f"{k}.{ext}", data) for k, members in SAMPLES for ext, data in members]
+    assert got == want
+    assert path.stat().st_size % 10240 == 0
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_gnu_tar_lists_and_extracts(tmp_path):
+    path = _write(tmp_path)
+    listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
+    assert listing.stdout.split() == [f"{k}.{ext}" for k, m in SAMPLES for ext, _ in m]
+    assert listing.stderr == ""
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", str(path), "-C", str(out)], check=True)
+    for key, members in SAMPLES:
+        for ext, data in members:
+            assert (out / f"{key}.{ext}").read_bytes() == data
+
+
+def test_webdataset_reads_every_sample(tmp_path):
+    import webdataset as wds
+
+    path = _write(tmp_path)
+    got = [(s["__key__"], s["jpg"], s["cls"]) for s in wds.WebDataset(str(path), shardshuffle=False)]
+    assert got == [(k, m[0][1], m[1][1]) for k, m in SAMPLES]
+
+
+def test_dali_index_matches_tar_offsets(tmp_path):
+    """The .idx equals what DALI's wds2idx derives: per sample `ext offset size name`, data offsets."""
+    path = _write(tmp_path)
+    lines, last = [], None
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = split_member_name(m.name)
+            entry = f"{ext} {m.offset_data} {m.size} {m.name}"
+            if key == last:
+                lines[-1] += " " + entry
+            else:
+                lines.append(entry)
+                last = key
+    expected = f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines)
+    assert (tmp_path / "s.idx").read_text() == expected
+    parsed = read_dali_index(tmp_path / "s.idx")
+    raw = path.read_bytes()
+    for (key, members), sample in zip(SAMPLES, parsed):
+        for (ext, data), (iext, off, size, name) in zip(members, sample):
+            assert (iext, name) == (ext, f"{key}.{ext}")
+            assert off % 512 == 0 and raw[off:off + size] == data
+
+
+def test_multi_dot_extensions_group_into_one_sample(tmp_path):
+    with TarShardWriter(tmp_path / "v.tar", tmp_path / "v.idx") as w:
+        w.write_sample("000000", [("a.jpg", b"A"), ("b.jpg", b"BB"), ("same", b"1")])
+        w.write_sample("000001", [("a.jpg", b"C"), ("b.jpg", b"DD"), ("same", b"0")])
+    parsed = read_dali_index(tmp_path / "v.idx")
+    assert [[c[0] for c in s] for s in parsed] == [["a.jpg", "b.jpg", "same"]] * 2
+
+
+def test_close_reports_sha256_and_size(tmp_path):
+    w = TarShardWriter(tmp_path / "s.tar")
+    for key, members in SAMPLES:
+        w.write_sample(key, members)
+    info = w.close()
+    data = (tmp_path / "s.tar").read_bytes()
+    assert info.sha256 == hashlib.sha256(data).hexdigest() == file_sha256(tmp_path / "s.tar")
+    assert (info.name, info.count, info.bytes) == ("s.tar", len(SAMPLES), len(data))
+
+
+def test_output_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert _write(a).read_bytes() == _write(b).read_bytes()
+
+
+def test_nothing_appears_until_closed_and_abort_leaves_nothing(tmp_path):
+    path = tmp_path / "s.tar"
+    w = TarShardWriter(path, tmp_path / "s.idx")
+    w.add("000.jpg", b"x" * 5000)
+    assert not path.exists() and not (tmp_path / "s.idx").exists()
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".s.tar.")
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with TarShardWriter(path) as w2:
+            w2.add("000.jpg", b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_abort_keeps_an_earlier_complete_file(tmp_path):
+    path = _write(tmp_path, index=False)
+    before = path.read_bytes()
+    w = TarShardWriter(path)
+    w.add("zzz.jpg", b"other")
+    w.abort()
+    assert path.read_bytes() == before
+
+
+def test_iter_members_reads_headers_and_flags_damage(tmp_path):
+    path = _write(tmp_path)
+    members = list(iter_members(path, with_data=(".cls",)))
+    assert [m[0] for m in members] == [f"{k}.{e}" for k, m in SAMPLES for e, _ in m]
+    assert [m[3] for m in members if m[0].endswith(".cls")] == [m[1][1] for _, m in SAMPLES]
+    raw = bytearray(path.read_bytes())
+    raw[512 * 3 + 5] ^= 0xFF  # inside the second member's header
+    damaged = tmp_path / "bad.tar"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"bad\.tar: offset 1536: bad tar header checksum"):
+        list(iter_members(damaged))
+    truncated = tmp_path / "short.tar"
+    truncated.write_bytes(path.read_bytes()[:1024])
+    with pytest.raises(InputError, match="short.tar"):
+        list(iter_members(truncated))
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".train-000001.tar.{dead.pid}.tmp").write_bytes(b"partial")
+    (tmp_path / f".train-000002.tar.{os.getpid()}.tmp").write_bytes(b"mine")
+    (tmp_path / "train-000000.tar").write_bytes(b"complete")
+    assert remove_stale_temp_files(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["train-000000.tar"]
