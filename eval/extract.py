@@ -1,0 +1,196 @@
+"""Embedding extraction for verification: batched, on any device, optional AMP and flip TTA.
+
+Follows InsightFace's ``verification.test``:
+
+- input: uint8 RGB ``[n, H, W, 3]`` -> float ``(x - 127.5) / 127.5``, NCHW (channels_last
+  memory), on the device; ``bgr=True`` swaps the channels for weights trained on BGR
+  input (the TreB1eN family);
+- flip TTA: the embedding of an image is ``normalise(e + e_flipped)`` where ``e_flipped``
+  is the backbone's output for the horizontally mirrored image; without flip it is
+  ``normalise(e)``; the sum and the normalisation are done in float64 like InsightFace
+  (float32 network outputs copied into float64 arrays, then ``sklearn.preprocessing.normalize``);
+- XNorm: the mean L2 norm of the raw (not normalised) network outputs, over every forward
+  output that was computed: with flip, the originals and the mirrored ones (InsightFace
+  averages the norms of both of its embedding lists); without flip, the originals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from lresnet.convert.errors import InputError
+from lresnet.eval.data import PairSet
+from lresnet.eval.protocol import VerificationResult, evaluate
+
+DeviceLike = Union[str, torch.device]
+_AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+              "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """Result of :func:`extract_embeddings`.
+
+    Attributes:
+        normed: float64 ``[n, D]``, unit rows (float64 as in InsightFace, so that pair
+            distances are the ones its pipeline computes).
+        xnorm: mean L2 norm of the raw network outputs (see the module docstring).
+    """
+
+    normed: np.ndarray = field(repr=False)
+    xnorm: float
+
+
+def resolve_device(device: DeviceLike) -> torch.device:
+    """``"cpu"``, ``"cuda[:i]"`` or ``"npu[:i]"`` -> torch.device, importing ``torch_npu`` only for npu.
+
+    Raises:
+        InputError: the device type is unknown or not available here.
+    """
+    if isinstance(device, torch.device):
+        return device
+    kind = str(device).split(":", 1)[0]
+    if kind == "cpu":
+        return torch.device(device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device", "cuda requested, but no CUDA device is available to torch")
+        return torch.device(device)
+    if kind == "npu":
+        try:
+            import torch_npu  # noqa: F401  (registers the npu device with torch)
+        except ImportError:
+            raise InputError("--device", "npu requested, but torch_npu is not installed "
+                                         "(pip install 'lresnet[npu]')") from None
+        if not torch.npu.is_available():
+            raise InputError("--device", "npu requested, but no Ascend NPU is available")
+        return torch.device(device)
+    raise InputError("--device", f"unknown device {device!r}; expected cpu, cuda[:i] or npu[:i]")
+
+
+def resolve_amp_dtype(amp: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """None/"none"/"fp32" -> None; "bf16"/"fp16" (or the torch dtypes) -> the dtype.
+
+    Raises:
+        InputError: any other value.
+    """
+    if amp is None or isinstance(amp, torch.dtype):
+        if amp in (None, torch.bfloat16, torch.float16):
+            return amp
+        if amp == torch.float32:
+            return None
+        raise InputError("--amp", f"unsupported AMP dtype {amp}; expected bf16, fp16 or none")
+    name = str(amp).lower()
+    if name in ("none", "fp32", "float32", "off"):
+        return None
+    if name in _AMP_NAMES:
+        return _AMP_NAMES[name]
+    raise InputError("--amp", f"unknown AMP dtype {amp!r}; expected one of bf16, fp16, none")
+
+
+def _normalise_rows(rows: np.ndarray) -> np.ndarray:
+    """Unit rows, as ``sklearn.preprocessing.normalize`` (zero rows stay zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    norms[norms == 0.0] = 1.0
+    return rows / norms[:, None]
+
+
+def _to_input(batch: np.ndarray, device: torch.device, bgr: bool) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW channels_last ``(x - 127.5) / 127.5`` on the device."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2)
+    if bgr:
+        x = x.flip(1)
+    x = x.to(torch.float32).sub_(127.5).div_(127.5)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch_size: int = 64,
+                       device: DeviceLike = "cpu", flip: bool = True,
+                       amp_dtype: Union[None, str, torch.dtype] = None, bgr: bool = False,
+                       progress: Optional[Callable[[int], None]] = None) -> Embeddings:
+    """Embed images with a backbone (see the module docstring for the exact recipe).
+
+    Args:
+        backbone: returns ``[B, D]`` embeddings for normalised NCHW input; it is moved to
+            ``device``, run in eval mode under ``torch.inference_mode`` and given back in
+            the train/eval mode it came in (so training can call this between steps).
+        images_uint8_nhwc: uint8 ``[n, H, W, 3]`` RGB.
+        batch_size: images per forward (with flip, each forward also carries their mirrors).
+        device: ``cpu``, ``cuda[:i]``, ``npu[:i]`` or a torch.device.
+        flip: flip test-time augmentation.
+        amp_dtype: None (fp32), ``"bf16"``/``"fp16"`` or a torch dtype: autocast for the forward.
+        bgr: feed BGR (for weights trained on BGR input).
+        progress: called with the number of images done after each batch.
+
+    Raises:
+        ValueError: images are not uint8 ``[n, H, W, 3]`` or batch_size < 1.
+        InputError: unusable device or AMP dtype.
+    """
+    images = np.asarray(images_uint8_nhwc)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [n, H, W, 3], got {images.dtype} {images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    amp = resolve_amp_dtype(amp_dtype)
+    n = images.shape[0]
+    backbone.to(dev)
+    was_training = backbone.training
+    backbone.eval()
+    plain: Optional[np.ndarray] = None
+    mirrored: Optional[np.ndarray] = None
+    autocast = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), autocast:
+            for start in range(0, n, batch_size):
+                x = _to_input(images[start:start + batch_size], dev, bgr)
+                count = x.shape[0]
+                if flip:
+                    x = torch.cat([x, x.flip(3)])
+                out = backbone(x).float().cpu().numpy()
+                if out.ndim != 2 or out.shape[0] != x.shape[0]:
+                    raise ValueError(f"backbone returned shape {tuple(out.shape)} for a batch of "
+                                     f"{x.shape[0]}; expected [batch, embedding_size]")
+                if plain is None:
+                    plain = np.empty((n, out.shape[1]), dtype=np.float32)
+                    mirrored = np.empty((n, out.shape[1]), dtype=np.float32) if flip else None
+                plain[start:start + count] = out[:count]
+                if mirrored is not None:
+                    mirrored[start:start + count] = out[count:]
+                if progress is not None:
+                    progress(start + count)
+    finally:
+        backbone.train(was_training)
+    if plain is None:
+        raise ValueError("no images to embed")
+    raw = plain.astype(np.float64)
+    outputs = [raw]
+    if mirrored is not None:
+        mirrored64 = mirrored.astype(np.float64)
+        outputs.append(mirrored64)
+        summed = raw + mirrored64
+    else:
+        summed = raw
+    xnorm = float(np.mean(np.concatenate([np.linalg.norm(o, axis=1) for o in outputs])))
+    return Embeddings(normed=_normalise_rows(summed), xnorm=xnorm)
+
+
+def verify_backbone(backbone: nn.Module, pair_set: PairSet, batch_size: int = 64,
+                    device: DeviceLike = "cpu", flip: bool = True,
+                    amp_dtype: Union[None, str, torch.dtype] = None, bgr: bool = False,
+                    nrof_folds: int = 10,
+                    progress: Optional[Callable[[int], None]] = None) -> VerificationResult:
+    """Embed a pair set and score it: :func:`extract_embeddings` then :func:`evaluate`.
+
+    The result carries ``xnorm``. The backbone keeps its train/eval mode (safe mid-training).
+    """
+    emb = extract_embeddings(backbone, pair_set.images, batch_size=batch_size, device=device,
+                             flip=flip, amp_dtype=amp_dtype, bgr=bgr, progress=progress)
+    return evaluate(emb.normed, pair_set.issame, nrof_folds=nrof_folds).with_xnorm(emb.xnorm)
