@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import simplejpeg
 
 from lresnet.convert import manifest as mf
 from lresnet.convert.errors import InputError
+from lresnet.convert.recordio import MAGIC, FacesEmore
 from lresnet.convert.shards import (
     ShardInfo,
     TarShardWriter,
@@ -38,6 +40,9 @@ from lresnet.convert.shards import (
 )
 
 log = logging.getLogger(__name__)
+
+_LREC = struct.Struct("<II")  # RecordIO part header: magic, cflag << 29 | length
+_LENGTH_MASK = (1 << 29) - 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 # progress(stage, advance, total): stage is "train" or "val"; advance = images done since last call
@@ -96,10 +101,8 @@ def key_width(max_key: int) -> int:
 
 
 # --------------------------------------------------------------------------- source
-def _open_source(src_dir: PathLike):
-    """Open faces_emore through the RecordIO reader (imported here: workers open their own)."""
-    from lresnet.convert.recordio import FacesEmore
-
+def _open_source(src_dir: PathLike) -> FacesEmore:
+    """Open faces_emore through the RecordIO reader (each worker opens its own, after the fork)."""
     return FacesEmore(src_dir)
 
 
@@ -130,6 +133,42 @@ def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
     return int(h), int(w)
 
 
+class RecordFetcher:
+    """``(label, jpeg)`` of image records: one ``pread`` per record in the common case.
+
+    A record stored in one part (cflag 0) is read with a single positioned read of its span
+    and decoded by the source (:meth:`FacesEmore.decode_image_record`: label range, JPEG
+    check); anything else (split records, damage) goes through :meth:`FacesEmore.read_image`,
+    which joins parts and raises the reader's precise :class:`InputError`.
+    """
+
+    _MAX_SPAN = 1 << 26
+
+    def __init__(self, source):
+        self.source = source
+        self.reader = source.reader
+        self._fd = os.open(source.rec_path, os.O_RDONLY)
+
+    def image(self, key: int) -> Tuple[int, bytes]:
+        try:
+            offset, span = self.reader.offset(key), self.reader.span(key)
+        except InputError:
+            return self.source.read_image(key)
+        if 8 <= span <= self._MAX_SPAN:
+            chunk = os.pread(self._fd, span, offset)
+            if len(chunk) >= 8:
+                magic, lrec = _LREC.unpack_from(chunk)
+                length = lrec & _LENGTH_MASK
+                if magic == MAGIC and lrec >> 29 == 0 and 8 + length <= len(chunk):
+                    return self.source.decode_image_record(key, chunk[8:8 + length])
+        return self.source.read_image(key)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 # --------------------------------------------------------------------------- workers
 _STATE: Dict[str, Any] = {}
 
@@ -140,9 +179,9 @@ def _init_worker(src_dir: str, abort_event, progress_queue) -> None:
     _STATE.update(src_dir=src_dir, abort=abort_event, queue=progress_queue, ppid=os.getppid(), source=None)
 
 
-def _worker_source():
+def _worker_source() -> RecordFetcher:
     if _STATE.get("source") is None:
-        _STATE["source"] = _open_source(_STATE["src_dir"])
+        _STATE["source"] = RecordFetcher(_open_source(_STATE["src_dir"]))
     return _STATE["source"]
 
 
@@ -162,8 +201,8 @@ class ShardJob:
     skip_corrupt: bool
 
 
-def write_train_shard(job: ShardJob, source=None, report: Optional[Callable[[int], None]] = None
-                      ) -> Dict[str, Any]:
+def write_train_shard(job: ShardJob, source: Optional[RecordFetcher] = None,
+                      report: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """Write shard ``job.index``: read its records (in key order), write them in plan order.
 
     Returns ``{"info": ShardInfo dict, "skipped", "size_mismatch", "labels"}`` or, on bad
@@ -197,7 +236,7 @@ def _queue_reporter() -> Callable[[int], None]:
     return report
 
 
-def _write_train_shard(job: ShardJob, source, report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
+def _write_train_shard(job: ShardJob, source: RecordFetcher, report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
     stem = mf.shard_stem(job.index)
     train_dir = Path(job.train_dir)
     images: Dict[int, Tuple[int, bytes]] = {}
@@ -206,10 +245,10 @@ def _write_train_shard(job: ShardJob, source, report: Optional[Callable[[int], N
     pending = 0
     for key in sorted(int(k) for k in job.keys):   # key order ~ file order: sequential reads
         try:
-            label, jpeg = source.read_image(key)
+            label, jpeg = source.image(key)
             size = _jpeg_size(jpeg)
             if size is None:
-                raise InputError(source.rec_path, "image is not a readable JPEG", where=f"record {key}")
+                raise InputError(source.source.rec_path, "image is not a readable JPEG", where=f"record {key}")
         except InputError:
             if not job.skip_corrupt:
                 raise
@@ -231,9 +270,7 @@ def _write_train_shard(job: ShardJob, source, report: Optional[Callable[[int], N
             if item is None:
                 continue  # skipped as corrupt
             label, jpeg = item
-            k = str(int(key)).zfill(digits)
-            writer.add(f"{k}.jpg", jpeg)
-            writer.add(f"{k}.cls", str(label).encode("ascii"))
+            writer.add_pair(str(int(key)).zfill(digits), "jpg", jpeg, "cls", str(label).encode("ascii"))
             written_labels.append(label)
         info = writer.close()
     except BaseException:
@@ -526,9 +563,13 @@ def _convert_train(plan: np.ndarray, source, src_dir: Path, state: _RunState,
     if workers == 1 or len(jobs) <= 1:
         if source is None:
             source = _open_source(src_dir)
+        fetcher = RecordFetcher(source)
         report = None if progress is None else (lambda n: progress("train", n, total))
-        for job in jobs:
-            finished(write_train_shard(job, source=source, report=report))
+        try:
+            for job in jobs:
+                finished(write_train_shard(job, source=fetcher, report=report))
+        finally:
+            fetcher.close()
         return len(jobs)
     _run_parallel(jobs, src_dir, workers, finished, progress, total)
     return len(jobs)
@@ -537,8 +578,10 @@ def _convert_train(plan: np.ndarray, source, src_dir: Path, state: _RunState,
 def _run_parallel(jobs: List[ShardJob], src_dir: Path, workers: int,
                   finished: Callable[[Dict[str, Any]], None], progress: Optional[ProgressFn],
                   total: int) -> None:
-    """Write ``jobs`` in ``workers`` spawned processes, at most 2 per worker in flight."""
-    ctx = mp.get_context("spawn")
+    """Write ``jobs`` in ``workers`` processes, at most 2 per worker in flight."""
+    # fork: workers start in milliseconds and need no importable __main__; nothing in the
+    # parent is shared with them (the source is opened per worker, after the fork).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     abort = ctx.Event()
     progress_queue = ctx.Queue()
     todo = list(reversed(jobs))

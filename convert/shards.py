@@ -157,29 +157,45 @@ class TarShardWriter:
         self._closed = False
 
     # -- writing -------------------------------------------------------------------
-    def add(self, name: str, data: bytes) -> int:
-        """Append one member; returns the offset of its data in the archive."""
-        nb = name.encode("ascii")
+    def _append(self, name: str, data: bytes) -> int:
+        """Header + data + padding into the buffer; returns the data offset."""
         size = len(data)
         buf = self._buf
-        buf += ustar_header(nb, size)
+        buf += ustar_header(name.encode("ascii"), size)
         offset = self._pos + BLOCK
         buf += data
         pad = -size % BLOCK
         if pad:
             buf += _ZEROS[:pad]
         self._pos = offset + size + pad
-        key, ext = split_member_name(name)
-        entry = f"{ext} {offset} {size} {name}"
+        return offset
+
+    def _index(self, key: str, entry: str) -> None:
         if key == self._last_key:
             self._index_lines[-1] += " " + entry
         else:
             self._index_lines.append(entry)
             self._last_key = key
             self._count += 1
-        if len(buf) >= self._buffer_size:
+        if len(self._buf) >= self._buffer_size:
             self._flush()
+
+    def add(self, name: str, data: bytes) -> int:
+        """Append one member; returns the offset of its data in the archive.
+
+        Consecutive members with the same key (name up to the first dot) form one sample.
+        """
+        offset = self._append(name, data)
+        key, ext = split_member_name(name)
+        self._index(key, f"{ext} {offset} {len(data)} {name}")
         return offset
+
+    def add_pair(self, key: str, ext1: str, data1: bytes, ext2: str, data2: bytes) -> None:
+        """Append the two-member sample ``key.ext1``, ``key.ext2`` (the converter's hot path)."""
+        n1, n2 = f"{key}.{ext1}", f"{key}.{ext2}"
+        o1 = self._append(n1, data1)
+        o2 = self._append(n2, data2)
+        self._index(key, f"{ext1} {o1} {len(data1)} {n1} {ext2} {o2} {len(data2)} {n2}")
 
     def write_sample(self, key: str, members: Sequence[Tuple[str, bytes]]) -> None:
         """Append one sample: ``members`` = ``[(ext, data), ...]`` written as ``key.ext``."""
