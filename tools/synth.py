@@ -1,0 +1,377 @@
+"""Synthetic faces_emore: procedural identities written in InsightFace's exact on-disk layout.
+
+Every identity is a stable face-like *shape*: head outline, ears, eye spacing/size, brows, nose,
+mouth, hairline, moles and glasses, drawn once into an 8-channel part-mask template. Every image
+is a jittered view of that template (rotation, scale, shift, horizontal squeeze, mirror), coloured
+with per-image random skin, hair, lip, eye and background colours, lit by a random gradient,
+and given texture and noise. Identity lives in shape and layout, never in colour, so raw pixels
+verify poorly while a small CNN learns the identities.
+
+The renderer is vectorised numpy (one gather + one batched matmul per batch of images) and
+deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import simplejpeg
+
+from lresnet.convert.errors import PathLike
+from lresnet.convert.pairs import write_bin
+from lresnet.convert.recordio import IRHeader, RecordWriter, pack
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 112
+TEMPLATE = 128  # template canvas; the 112 view sits in its middle at scale 1
+EVAL_ID_BASE = 10_000_000  # identities of the pair sets live far from the training ones
+SETS = ("lfw", "agedb_30", "cfp_fp")
+_BATCH = 64
+_CH = 8  # template channels: constant, head, eyes+dark details, brows, mouth, hair off/on head, shading
+
+
+def _ramp(d: np.ndarray, width: np.ndarray | float) -> np.ndarray:
+    """Soft inside-mask of a signed field: 1 where d << 0, 0 where d >> 0, linear over ``width``."""
+    return np.clip(0.5 - d / width, 0.0, 1.0)
+
+
+def identity_params(ids: Sequence[int], seed: int) -> Dict[str, np.ndarray]:
+    """Shape parameters of each identity: a pure function of ``(seed, identity)``."""
+    fields: Dict[str, List[float]] = {}
+    for ident in ids:
+        r = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 7919, int(ident)]))
+        u = r.random(24)
+        p = {
+            "rx": 30 + 12 * u[0], "ry": 41 + 9 * u[1], "cy": 63 + 6 * u[2], "jaw": 0.82 + 0.3 * u[3],
+            "ear": 3 + 5 * u[4], "ex": 10 + 8 * u[5], "ey": 4 + 7 * u[6], "erx": 3.5 + 3.5 * u[7],
+            "ery": 1.6 + 2.4 * u[8], "bgap": 5 + 6 * u[9], "blen": 5 + 6 * u[10], "bth": 1.0 + 2.2 * u[11],
+            "btilt": -0.35 + 0.7 * u[12], "nlen": 8 + 12 * u[13], "nw": 2.5 + 4.5 * u[14],
+            "my": 17 + 11 * u[15], "mw": 7 + 10 * u[16], "mcurve": -0.05 + 0.1 * u[17],
+            "mth": 1.3 + 3.0 * u[18], "hair": 3 + 20 * u[19], "hwave": 6 * u[20] * (u[21] > 0.5),
+            "hside": 40 * u[22], "hphase": 6.283 * u[23],
+        }
+        extra = r.random(8)
+        p["glasses"] = float(extra[0] < 0.2)
+        p["moles"] = float(int(extra[1] * 3))
+        p["m1x"], p["m1y"] = -22 + 44 * extra[2], -5 + 35 * extra[3]
+        p["m2x"], p["m2y"] = -22 + 44 * extra[4], -5 + 35 * extra[5]
+        p["hpart"] = -15 + 30 * extra[6]
+        for k, v in p.items():
+            fields.setdefault(k, []).append(v)
+    return {k: np.asarray(v, dtype=np.float32)[:, None, None] for k, v in fields.items()}
+
+
+def render_templates(ids: Sequence[int], seed: int) -> np.ndarray:
+    """Part-mask templates ``uint8 [len(ids), 128, 128, 8]`` of the given identities."""
+    p = identity_params(ids, seed)
+    n = len(ids)
+    grid = np.arange(TEMPLATE, dtype=np.float32)
+    X = grid[None, None, :] - TEMPLATE / 2  # x relative to the face's vertical axis
+    Y = grid[None, :, None]
+    ax = np.abs(X)
+    cy = p["cy"]
+    dy = Y - cy
+    ry = np.where(dy > 0, p["ry"] * p["jaw"], p["ry"])
+    head_d = (X / p["rx"]) ** 2 + (dy / ry) ** 2
+    head = _ramp(head_d - 1.0, 2.0 / p["rx"])
+    ears = _ramp(((ax - p["rx"] - 1) / (p["ear"] * 0.6)) ** 2 + ((dy + 3) / p["ear"]) ** 2 - 1.0, 0.3)
+    head = np.maximum(head, ears)
+
+    eye_y = cy - p["ey"]
+    eyes = _ramp(((ax - p["ex"]) / p["erx"]) ** 2 + ((Y - eye_y) / p["ery"]) ** 2 - 1.0, 0.5)
+    bx = ax - p["ex"]
+    brow_y = eye_y - p["bgap"] + p["btilt"] * bx + 0.08 * np.abs(bx) * np.abs(bx) / p["blen"]
+    brows = _ramp(np.abs(Y - brow_y) - p["bth"], 1.0) * _ramp(np.abs(bx) - p["blen"], 1.0)
+
+    nose_bottom = eye_y + p["nlen"]
+    nostrils = _ramp(((ax - p["nw"]) / 2.2) ** 2 + ((Y - nose_bottom) / 1.4) ** 2 - 1.0, 0.6)
+    bridge = 0.45 * _ramp(np.abs(X - 0.25 * p["nw"]) - 0.8, 1.0) * (Y > eye_y + 2) * (Y < nose_bottom)
+    details = np.maximum(nostrils, bridge)
+    for i, (mx, my) in enumerate((("m1x", "m1y"), ("m2x", "m2y"))):
+        mole = _ramp((X - p[mx]) ** 2 + (Y - cy - p[my]) ** 2 - 3.2, 2.0) * (p["moles"] > i)
+        details = np.maximum(details, mole)
+    rim = np.sqrt(((ax - p["ex"]) / (p["erx"] + 4)) ** 2 + ((Y - eye_y) / (p["ery"] + 4)) ** 2)
+    glasses = np.maximum(_ramp(np.abs(rim - 1.0) - 0.06, 0.08),
+                         _ramp(np.abs(Y - eye_y + 1) - 0.8, 1.0) * (ax < p["ex"] - p["erx"] - 3))
+    details = np.maximum(details, glasses * p["glasses"])
+
+    mouth_y = cy + p["my"] + p["mcurve"] * X * X
+    mouth = _ramp(np.abs(Y - mouth_y) - p["mth"], 1.0) * _ramp(ax - p["mw"], 1.5)
+
+    hairline = cy - p["ry"] + p["hair"] + p["hwave"] * np.sin(X * 0.25 + p["hphase"]) \
+        + 0.12 * np.abs(X - p["hpart"])
+    outer = _ramp((X / (p["rx"] + 5)) ** 2 + ((Y - cy + 4) / (p["ry"] + 6)) ** 2 - 1.0, 0.08)
+    sides = (ax > p["rx"] * 0.8) & (Y < cy + p["hside"] - 20)
+    hair = outer * np.maximum(_ramp(Y - hairline, 2.0), sides.astype(np.float32))
+    hair_off = hair * (1.0 - head)
+    hair_on = hair * head
+    free = 1.0 - hair_on
+    shade = (0.5 + 0.5 * np.clip(X / p["rx"], -1, 1)) * head
+
+    dark = np.maximum(eyes * free, details * head)
+    chans = [np.ones_like(head), head, dark, brows * free, mouth * head, hair_off, hair_on, shade]
+    out = np.empty((n, TEMPLATE, TEMPLATE, _CH), dtype=np.uint8)
+    for c, m in enumerate(chans):
+        out[..., c] = np.broadcast_to(np.clip(m, 0, 1) * 255 + 0.5, (n, TEMPLATE, TEMPLATE))
+    return out
+
+
+class FaceRenderer:
+    """Renders jittered views of procedural identities; templates are cached (LRU).
+
+    Args:
+        seed: identity seed: identity ``i`` looks the same for the same seed.
+        difficulty: scales pose jitter, colour/lighting variation and noise (1.0 = default;
+            0 gives canonical views).
+        cache: how many identity templates to keep (131 KB each).
+    """
+
+    def __init__(self, seed: int = 0, difficulty: float = 1.0, cache: int = 512):
+        self.seed = int(seed)
+        self.difficulty = float(difficulty)
+        self._cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._cache_size = cache
+        bank_rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, 4243]))
+        self._noise = bank_rng.standard_normal((3, 256, 256)).astype(np.float32)
+        coarse = bank_rng.standard_normal((3, 17, 17))
+        fine = np.linspace(0, 16, 256)
+        rows = np.stack([[np.interp(fine, np.arange(17), line) for line in plane] for plane in coarse])
+        self._texture = np.stack([[np.interp(fine, np.arange(17), line) for line in plane.T]
+                                  for plane in rows]).transpose(0, 2, 1).astype(np.float32)
+        g = np.arange(IMAGE_SIZE, dtype=np.float32) - (IMAGE_SIZE - 1) / 2
+        self._u = g[None, None, :]
+        self._v = g[None, :, None]
+
+    def templates(self, ids: Sequence[int]) -> np.ndarray:
+        """``uint8 [len(ids), 128, 128, 8]`` templates (from the cache where possible)."""
+        missing = [i for i in dict.fromkeys(int(x) for x in ids) if i not in self._cache]
+        if missing:
+            for i, t in zip(missing, render_templates(missing, self.seed)):
+                self._cache[i] = t
+        out = np.empty((len(ids), TEMPLATE, TEMPLATE, _CH), dtype=np.uint8)
+        for j, i in enumerate(ids):
+            out[j] = self._cache[int(i)]
+            self._cache.move_to_end(int(i))
+        while len(self._cache) > max(self._cache_size, len(ids)):
+            self._cache.popitem(last=False)
+        return out
+
+    def render(self, ids: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        """``uint8 [len(ids), 112, 112, 3]`` RGB views of the given identities."""
+        ids = [int(i) for i in ids]
+        n = len(ids)
+        if n == 0:
+            return np.empty((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        d = self.difficulty
+        uniq = list(dict.fromkeys(ids))
+        slot = {ident: k for k, ident in enumerate(uniq)}
+        table = self.templates(uniq).view(np.uint64).reshape(-1)
+        row = np.asarray([slot[i] for i in ids], dtype=np.int32)[:, None, None] * (TEMPLATE * TEMPLATE)
+
+        # Inverse similarity map (+ horizontal squeeze for fake yaw, mirror): image -> template.
+        r = rng.random((n, 8), dtype=np.float32)
+        theta = (r[:, 0] - 0.5) * 0.5 * d
+        scale = 1.0 + (r[:, 1] - 0.5) * 0.2 * d
+        squeeze = 1.0 + (r[:, 2] - 0.5) * 0.3 * d
+        tx, ty = (r[:, 3] - 0.5) * 10 * d, (r[:, 4] - 0.5) * 10 * d
+        mirror = np.where(r[:, 5] < 0.5, -1.0, 1.0).astype(np.float32)
+        c, s = np.cos(theta) / scale, np.sin(theta) / scale
+        a11, a12 = c / squeeze * mirror, s / squeeze * mirror
+        a21, a22 = -s, c
+        half = TEMPLATE / 2
+        b1 = half - a11 * tx - a12 * ty
+        b2 = half - a21 * tx - a22 * ty
+        u, v = self._u, self._v
+        col3 = (slice(None), None, None)
+        x = a11[col3] * u + (a12[col3] * v + b1[col3])
+        y = a21[col3] * u + (a22[col3] * v + b2[col3])
+        idx = np.clip(y, 0, TEMPLATE - 1, out=y).astype(np.int32)
+        idx *= TEMPLATE
+        idx += np.clip(x, 0, TEMPLATE - 1, out=x).astype(np.int32)
+        idx += row
+        masks = np.take(table, idx).view(np.uint8).reshape(n, IMAGE_SIZE * IMAGE_SIZE, _CH)
+        masks = masks.astype(np.float32)
+
+        # Per-image colours (nothing here depends on the identity), as weights of the 8 channels.
+        col = rng.random((n, 8, 3), dtype=np.float32)
+        tone = rng.random((n, 1), dtype=np.float32)
+        skin = (np.array([90, 60, 45], np.float32) + tone * np.array([150, 140, 120], np.float32)
+                + (col[:, 0] - 0.5) * 60 * d)
+        bg = col[:, 1] * 255
+        hair = col[:, 2] * np.where(col[:, 3, :1] < 0.7, 90, 255)
+        dark = col[:, 4] * 70
+        brow = hair * 0.8 + col[:, 5] * 30
+        lips = skin * np.array([0.85, 0.55, 0.55], np.float32) + (col[:, 6] - 0.5) * 50
+        light = (col[:, 7, :1] - 0.5) * 160 * min(d, 1.5)
+        weights = np.stack([bg, skin - bg, dark - skin, brow - skin, lips - skin,
+                            hair - bg, hair - skin, np.broadcast_to(light, (n, 3))], axis=2) / 255.0
+        img = np.matmul(weights, masks.transpose(0, 2, 1)).reshape(n, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+        # Lighting gradient, then sensor noise and a smooth colour texture (random crops of banks).
+        g = rng.random((n, 3), dtype=np.float32) - 0.5
+        gain = 1.0 + g[:, 0] * 0.5 * min(d, 1.5)
+        shade = gain[col3] + (g[:, 1][col3] * u + g[:, 2][col3] * v) * (0.012 * d)
+        img *= shade[:, None]
+        offs = rng.integers(0, 256 - IMAGE_SIZE, size=(n, 4))
+        amp = rng.random((n, 2), dtype=np.float32) * np.array([10, 30], np.float32) * d
+        for k in range(n):
+            oy, ox, py, px = offs[k]
+            img[k] += amp[k, 0] * self._noise[:, oy:oy + IMAGE_SIZE, ox:ox + IMAGE_SIZE]
+            img[k] += amp[k, 1] * self._texture[:, py:py + IMAGE_SIZE, px:px + IMAGE_SIZE]
+        np.clip(img, 0, 255, out=img)
+        return np.ascontiguousarray(img.astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+_RENDERERS: "OrderedDict[Tuple[int, float], FaceRenderer]" = OrderedDict()
+
+
+def render_faces(identity_ids: Sequence[int], rng: np.random.Generator, seed: int = 0,
+                 difficulty: float = 1.0) -> np.ndarray:
+    """``uint8 [len(ids), 112, 112, 3]`` RGB images of the given identities (in memory).
+
+    Identities depend on ``seed`` only; the views (pose, colours, noise) on ``rng``.
+    """
+    key = (int(seed), float(difficulty))
+    renderer = _RENDERERS.get(key)
+    if renderer is None:
+        renderer = _RENDERERS[key] = FaceRenderer(seed, difficulty)
+        while len(_RENDERERS) > 4:
+            _RENDERERS.popitem(last=False)
+    out = []
+    for start in range(0, len(identity_ids), _BATCH):
+        out.append(renderer.render(identity_ids[start:start + _BATCH], rng))
+    if not out:
+        return np.empty((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return np.concatenate(out)
+
+
+def encode_jpegs(images: np.ndarray, quality: int = 90) -> List[bytes]:
+    """JPEG-encode ``uint8 [B, H, W, 3]`` RGB images (4:2:0, like the released data)."""
+    return [simplejpeg.encode_jpeg(np.ascontiguousarray(im), quality=quality, colorspace="RGB",
+                                   colorsubsampling="420") for im in images]
+
+
+def _pair_plan(pairs: int, pool: int, rng: np.random.Generator) -> Tuple[List[int], List[bool]]:
+    """Identity (index into the pool) of each of the ``2 * pairs`` images, and issame per pair."""
+    same = np.zeros(pairs, dtype=bool)
+    same[: pairs // 2] = True
+    rng.shuffle(same)
+    people: List[int] = []
+    for s in same:
+        a = int(rng.integers(pool))
+        b = a if s else int((a + 1 + rng.integers(pool - 1)) % pool)
+        people += [a, b]
+    return people, same.tolist()
+
+
+def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10, pairs: int = 600,
+               seed: int = 0, sets: Iterable[str] = SETS, difficulty: float = 1.0,
+               eval_identities: Optional[int] = None, label_format: str = "float",
+               header_at: str = "start", quality: int = 90,
+               progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
+    """Write a synthetic faces_emore folder.
+
+    Layout: ``train.rec``/``train.idx`` (header record, ``identities * images_per_id`` image
+    records grouped by class, one identity record per class), ``property``
+    (``classes,112,112``) and ``<set>.bin`` with ``pairs`` pairs each (half same, half different)
+    from identities held out of training.
+
+    Args:
+        label_format: ``"float"`` (flag 0, scalar label) or ``"multi"`` (flag 2: class, 0.0).
+        header_at: ``"start"`` (key 0, images from key 1, like InsightFace) or ``"end"`` (images
+            from key 0, the header written last) to exercise readers that look the header up.
+        eval_identities: size of each pair set's identity pool (default ``max(10, pairs // 4)``).
+        progress: called as ``progress(images_done, images_total)``.
+
+    Returns:
+        a summary dict (counts, paths, seconds, images_per_s).
+    """
+    if identities < 1 or images_per_id < 1 or pairs < 0:
+        raise ValueError(f"need identities >= 1, images_per_id >= 1, pairs >= 0; got "
+                         f"{identities}, {images_per_id}, {pairs}")
+    if label_format not in ("float", "multi"):
+        raise ValueError(f"label_format must be 'float' or 'multi', got {label_format!r}")
+    if header_at not in ("start", "end"):
+        raise ValueError(f"header_at must be 'start' or 'end', got {header_at!r}")
+    sets = list(sets)
+    unknown_pool = eval_identities if eval_identities is not None else max(10, pairs // 4)
+    pool = max(2, int(unknown_pool))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    renderer = FaceRenderer(seed, difficulty)
+    n_images = identities * images_per_id
+    total = n_images + 2 * pairs * len(sets)
+    done = 0
+    t0 = time.perf_counter()
+
+    first_image = 1 if header_at == "start" else 0
+    first_identity = first_image + n_images
+    tmp_rec, tmp_idx = out / "train.rec.tmp", out / "train.idx.tmp"
+    view_rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 101]))
+    header = pack(IRHeader(2, (float(first_identity), float(first_identity + identities)), 0, 0), b"")
+    labels = np.repeat(np.arange(identities), images_per_id)
+    with RecordWriter(tmp_rec, tmp_idx) as writer:
+        if header_at == "start":
+            writer.write(0, header)
+        for start in range(0, n_images, _BATCH):
+            batch = labels[start:start + _BATCH]
+            for j, jpeg in enumerate(encode_jpegs(renderer.render(batch, view_rng), quality)):
+                key = first_image + start + j
+                cls = float(batch[j])
+                label = (cls, 0.0) if label_format == "multi" else cls
+                writer.write(key, pack(IRHeader(0, label, key, 0), jpeg))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        for c in range(identities):
+            lo = first_image + c * images_per_id
+            writer.write(first_identity + c, pack(IRHeader(2, (float(lo), float(lo + images_per_id)), 0, 0), b""))
+        if header_at == "end":
+            writer.write(first_identity + identities, header)
+    os.replace(tmp_rec, out / "train.rec")
+    os.replace(tmp_idx, out / "train.idx")
+
+    set_files = {}
+    for s_index, name in enumerate(sets):
+        rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 202, zlib.crc32(name.encode())]))
+        people, issame = _pair_plan(pairs, pool, rng)
+        ids = [EVAL_ID_BASE + s_index * 1_000_000 + p for p in people]
+        order = np.argsort(ids, kind="stable")  # render identity by identity (template reuse)
+        jpegs: List[bytes] = [b""] * len(ids)
+        for start in range(0, len(ids), _BATCH):
+            chunk = order[start:start + _BATCH]
+            for k, jpeg in zip(chunk, encode_jpegs(renderer.render([ids[k] for k in chunk], rng), quality)):
+                jpegs[k] = jpeg
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        path = out / f"{name}.bin"
+        tmp = out / f"{name}.bin.tmp"
+        write_bin(tmp, jpegs, issame, protocol=4)
+        os.replace(tmp, path)
+        set_files[name] = str(path)
+    (out / "property").write_text(f"{identities},{IMAGE_SIZE},{IMAGE_SIZE}\n", encoding="ascii")
+    seconds = time.perf_counter() - t0
+    summary = {
+        "out_dir": str(out), "identities": identities, "images_per_id": images_per_id,
+        "images": n_images, "pairs": {name: pairs for name in sets}, "seed": seed,
+        "difficulty": difficulty, "label_format": label_format, "header_at": header_at,
+        "train_rec": str(out / "train.rec"), "train_rec_bytes": (out / "train.rec").stat().st_size,
+        "sets": set_files, "seconds": round(seconds, 3),
+        "images_per_s": round(total / seconds, 1) if seconds > 0 else None,
+    }
+    log.info("synthesized %d train images (%d classes) and %d pair sets in %.1f s",
+             n_images, identities, len(sets), seconds)
+    return summary
+
+
+__all__ = ["FaceRenderer", "render_faces", "render_templates", "identity_params", "encode_jpegs",
+           "synthesize", "SETS", "EVAL_ID_BASE", "IMAGE_SIZE"]
