@@ -30,8 +30,7 @@ Training recipe (what the trainer does):
   can be moved between world sizes the same way with :meth:`gather_shards` / :meth:`local_shard`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: DDP checks sum_allreduce_hook's annotations at runtime.
 import math
 
 import torch
