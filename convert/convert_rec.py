@@ -506,7 +506,8 @@ class _RunState:
     def save(self) -> None:
         mf.write_json_atomic(self.train_dir / mf.STATE_NAME, {
             "format": mf.STATE_FORMAT, "header": self.header,
-            "shards": self.shards, "val": self.val})
+            "shards": {k: self.shards[k] for k in sorted(self.shards)},
+            "val": {k: self.val[k] for k in sorted(self.val)}})
 
 
 def _convert_val_sets(wanted: List[str], bins: Dict[str, Path], val_dir: Path,
