@@ -253,8 +253,9 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     for key, value in override.items():
         if value is None:
             continue
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
+        if isinstance(value, Mapping) and key in SECTIONS:
+            base_section = out.get(key)
+            out[key] = merge(base_section if isinstance(base_section, Mapping) else {}, value)
         else:
             out[key] = value
     return out

@@ -15,7 +15,6 @@ sharded head's centres are gathered from all of them.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -96,9 +95,15 @@ def build_networks(cfg: TrainConfig, num_classes: int, ctx: DistContext) -> tupl
     head = create_head(h.name, cfg.model.embedding_size, num_classes, s=h.s, m=h.m, m1=h.m1, m2=h.m2, m3=h.m3,
                        sample_rate=h.sample_rate, rank=ctx.world.rank if sharded else 0,
                        world_size=ctx.world.world_size if sharded else 1, partial_fc=h.partial_fc)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if use_channels_last(cfg, ctx.device) else torch.contiguous_format
     backbone = backbone.to(ctx.device, memory_format=memory_format)
     return backbone, head.to(ctx.device), sharded
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """channels_last on accelerators only: on CPU it gains little, and torch's CPU backward of a
+    strided 1x1 conv with few channels in channels_last crashes (seen with torch 2.13, 8 channels)."""
+    return cfg.model.channels_last and device.type != "cpu"
 
 
 def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,29 +158,6 @@ def clip_and_norm(replicated: list[nn.Parameter], sharded: list[nn.Parameter], m
         grads = [p.grad for p in replicated + sharded if p.grad is not None]
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm
-
-
-class PositionTracker:
-    """Wraps the loader's iterator and records ``loader.state_dict()`` after each batch it yields.
-
-    The device prefetcher pulls one batch ahead, so the loader's own position is
-    ahead of the step being run; the queue pairs every consumed batch with the
-    position *right after it*, which is what a checkpoint must store.
-    """
-
-    def __init__(self, loader: Any):
-        self.loader = loader
-        self.positions: collections.deque = collections.deque()
-        self.has_state = hasattr(loader, "state_dict")
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            self.positions.append(self.loader.state_dict() if self.has_state else None)
-            yield batch
-
-    def consumed(self) -> Any:
-        """Position after the batch just taken by the loop."""
-        return self.positions.popleft()
 
 
 class MetricsLog:
@@ -349,7 +331,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
             "schedule": schedule.as_dict(),
             "step": step,
             "epoch": step // steps_per_epoch,
-            "loader": gather_objects(tracker.consumed_position, ctx),
+            # the prefetcher's state does not count the batch it holds ahead
+            "loader": gather_objects(prefetcher.state_dict(), ctx),
             "rng": gather_objects(rng_state(ctx.device), ctx),
             "config": to_dict(cfg),
         }
@@ -379,7 +362,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
               "loss": torch.zeros((), device=ctx.device)}
     from lresnet.pipeline import DevicePrefetcher
 
-    tracker = _Tracker()
     while step < last_step:
         epoch = step // steps_per_epoch
         if hasattr(loader, "set_epoch"):
@@ -387,9 +369,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
         if loader_position is not None and step % steps_per_epoch:
             loader.load_state_dict(loader_position)  # resume inside this epoch
         loader_position = None
-        positions = PositionTracker(loader)
-        batches = iter(DevicePrefetcher(positions, ctx.device, dtype=torch.float32,
-                                        channels_last=cfg.model.channels_last))
+        prefetcher = DevicePrefetcher(loader, ctx.device, dtype=torch.float32,
+                                      channels_last=use_channels_last(cfg, ctx.device))
+        batches = iter(prefetcher)
         epoch_end = (epoch + 1) * steps_per_epoch
         while step < min(epoch_end, last_step):
             t_wait = time.perf_counter()
@@ -398,9 +380,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
             except StopIteration:
                 raise InputError(cfg.data.shards, f"loader ended after step {step}, "
                                  f"expected {steps_per_epoch} batches per epoch") from None
-            wait = time.perf_counter() - t_wait
-            tracker.consumed_position = positions.consumed()
-            window["wait"] += wait
+            window["wait"] += time.perf_counter() - t_wait
 
             lr = schedule(step)
             set_lr(optimizer, lr)
@@ -477,9 +457,3 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
         data_wait_fraction=totals["wait"] / max(totals["time"], 1e-9),
         verification=last_verification,
     )
-
-
-class _Tracker:
-    """The loader position after the last consumed batch (what a checkpoint stores)."""
-
-    consumed_position: Any = None
