@@ -529,7 +529,10 @@ class FacesEmore:
         if found is None:
             log.warning("%s: no faces_emore header record; using every record that holds an image",
                         self.rec_path)
-            return key_arr[~small].tolist()
+            holds_image = ~small
+            for i in np.flatnonzero(small).tolist():
+                holds_image[i] = bool(self._record_header(keys[i])[1])
+            return key_arr[holds_image].tolist()
         start, end = found
         self.header_key = key
         self.identity_keys = range(start, end)
@@ -574,6 +577,9 @@ class FacesEmore:
 
     def read_image(self, key: int) -> Tuple[int, bytes]:
         """``(class id, JPEG bytes)`` of image record ``key``; class id = int(first label float)."""
+        if key == self.header_key or key in self.identity_keys:
+            kind = "the faces_emore header" if key == self.header_key else "an identity record"
+            raise InputError(self.rec_path, f"{kind}, not an image", f"record {key}")
         return self.decode_image_record(key, self.reader.read(key))
 
     def bin_files(self) -> Dict[str, Path]:
