@@ -8,8 +8,8 @@
 
 from lresnet.eval.data import (PairSet, available_sets, find_set_file, load_embeddings,
                                load_pair_labels, load_pair_set)
-from lresnet.eval.extract import (Embeddings, extract_embeddings, resolve_amp_dtype, resolve_device,
-                                  verify_backbone)
+from lresnet.eval.extract import (Embeddings, extract_embeddings, normalise_rows, resolve_amp_dtype,
+                                  resolve_device, verify_backbone)
 from lresnet.eval.protocol import (ACCURACY_THRESHOLDS, FAR_TARGET, VAL_THRESHOLDS, VerificationResult,
                                    evaluate, kfold_bounds, legacy_slinear, pair_distances)
 
@@ -22,6 +22,7 @@ __all__ = [
     "load_pair_set",
     "Embeddings",
     "extract_embeddings",
+    "normalise_rows",
     "resolve_amp_dtype",
     "resolve_device",
     "verify_backbone",

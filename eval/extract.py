@@ -94,7 +94,7 @@ def resolve_amp_dtype(amp: Union[None, str, torch.dtype]) -> Optional[torch.dtyp
     raise InputError("--amp", f"unknown AMP dtype {amp!r}; expected one of bf16, fp16, none")
 
 
-def _normalise_rows(rows: np.ndarray) -> np.ndarray:
+def normalise_rows(rows: np.ndarray) -> np.ndarray:
     """Unit rows, as ``sklearn.preprocessing.normalize`` (zero rows stay zero)."""
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
     norms[norms == 0.0] = 1.0
@@ -179,7 +179,7 @@ def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch
     else:
         summed = raw
     xnorm = float(np.mean(np.concatenate([np.linalg.norm(o, axis=1) for o in outputs])))
-    return Embeddings(normed=_normalise_rows(summed), xnorm=xnorm)
+    return Embeddings(normed=normalise_rows(summed), xnorm=xnorm)
 
 
 def verify_backbone(backbone: nn.Module, pair_set: PairSet, batch_size: int = 64,
