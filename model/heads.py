@@ -59,13 +59,15 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
 def normalized_cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Cosine similarities ``[B, C]`` between L2-normalised embeddings ``[B, D]`` and centres ``[C, D]``.
 
-    Runs in :func:`compute_dtype` with autocast disabled; the result is clamped to [-1, 1].
+    Runs in :func:`compute_dtype` with autocast disabled. Not clamped: rounding may leave an entry a few ulps
+    outside [-1, 1], which only matters to the margin's ``acos`` (clamped there, on the B target entries),
+    and a full clamp would keep another ``[B, C]`` tensor alive for the backward.
     """
     dtype = compute_dtype(embeddings.dtype, centres.dtype)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         e = F.normalize(embeddings.to(dtype), dim=1)
         w = F.normalize(centres.to(dtype), dim=1)
-        return (e @ w.t()).clamp(-1.0, 1.0)
+        return e @ w.t()
 
 
 def _validate_scale(s: float) -> None:

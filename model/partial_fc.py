@@ -265,8 +265,8 @@ class PartialFC(nn.Module):
         padded[: self.num_local] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        sizes = [end - start for start, end in (shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size))]
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        ranges = [shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size)]
+        return torch.cat([part[: end - start] for part, (start, end) in zip(parts, ranges)])
 
     def local_shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows ``[start:end]`` of a ``[num_classes, ...]`` tensor (a view)."""

@@ -12,7 +12,9 @@ from lresnet.model.heads import ArcFace, CombinedMargin, CosFace, FCHead, check_
 from lresnet.model.partial_fc import PartialFC, create_head
 
 
-def reference_target(c: float, kind: str, s: float, m: float = 0.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0) -> float:
+def reference_target(
+    c: float, kind: str, s: float, m: float = 0.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0
+) -> float:
     """The target logit, straight from the papers' formulas, in Python floats (float64)."""
     theta = math.acos(c)
     if kind == "arcface":
@@ -242,3 +244,20 @@ def test_create_head_rule():
     sharded = create_head("arcface", 8, 10, rank=1, world_size=2)
     assert isinstance(sharded, PartialFC) and (sharded.class_start, sharded.class_end) == (5, 10)
     assert isinstance(create_head("arcface", 8, 10, rank=1, world_size=2, partial_fc=False), FCHead)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_heads_on_cuda_under_autocast_match_cpu_fp32(amp_dtype):
+    torch.manual_seed(5)
+    embeddings = torch.randn(32, 64)
+    labels = torch.randint(-1, 1000, (32,))
+    for head in (FCHead(ArcFace(), 64, 1000), PartialFC(CombinedMargin(m1=1.0, m2=0.3, m3=0.2), 64, 1000)):
+        expected = head(embeddings, labels)
+        head.cuda()
+        with torch.autocast("cuda", dtype=amp_dtype):
+            loss = head(embeddings.cuda().to(amp_dtype), labels.cuda())
+        assert loss.dtype == torch.float32
+        reference = head(embeddings.to(amp_dtype).float().cuda(), labels.cuda())
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss.cpu(), expected, rtol=1e-2, atol=0)  # only the input rounding differs
