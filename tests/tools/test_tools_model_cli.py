@@ -1,0 +1,76 @@
+"""CLI: lresnet model-info and lresnet bench model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from lresnet.tools.cli import app
+from lresnet.tools.cmd_model import DType, bench_forward_backward, describe_backbone
+
+runner = CliRunner()
+
+
+def test_model_info_ir100e_table():
+    result = runner.invoke(app, ["model-info", "ir100e"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "IResNet-100" in out and "65,156,160" in out and "12.09 G" in out
+    assert "paper" in out and "Linear(25088->512)" in out and "embedding size" in out
+
+
+def test_model_info_json_sizes():
+    result = runner.invoke(app, ["model-info", "ir50", "--json", "--embedding-size", "256"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["embedding_size"] == 256 and info["unit_style"] == "paper" and not info["se"]
+    assert info["architecture"] == "IResNet-50"
+    assert abs(info["macs"] / 1e9 - 6.3) < 0.05
+    assert info["trainable_parameters"] == info["parameters"] - 256  # the E block's fixed gamma
+
+
+def test_model_info_lists_every_backbone():
+    result = runner.invoke(app, ["model-info", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert {"ir18", "ir100e", "irse100", "mobilefacenet"} <= set(rows)
+    assert rows["irse100"]["unit_style"] == "treb1en" and rows["irse100"]["se"]
+    assert rows["mobilefacenet"]["unit_style"] is None
+
+
+def test_model_info_unit_style_override():
+    assert describe_backbone("ir100", unit_style="treb1en").parameters == 65_129_792
+
+
+def test_unknown_backbone_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "lresnet.tools", "model-info", "resnet9000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lresnet: error: unknown backbone 'resnet9000'")
+    assert "ir100e" in lines[0] and "mobilefacenet" in lines[0]
+
+
+def test_bench_model_json_has_baseline_and_setting():
+    result = runner.invoke(app, ["bench", "model", "mobilefacenet", "--batch-size", "2", "--steps", "1",
+                                 "--warmup", "0", "--dtype", "bf16", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    settings = [r["setting"] for r in report["results"]]
+    assert settings == ["fp32 NCHW (baseline)", "bf16 channels_last"]
+    assert report["results"][0]["ratio"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+
+
+def test_bench_baseline_only_when_setting_is_the_baseline():
+    results = bench_forward_backward("mobilefacenet", batch_size=2, dtype=DType.fp32, channels_last=False,
+                                     steps=1, warmup=0)
+    assert [r.setting for r in results] == ["fp32 NCHW (baseline)"]
+
+
+def test_bench_rejects_bad_dtype():
+    result = runner.invoke(app, ["bench", "model", "ir18", "--dtype", "fp8"])
+    assert result.exit_code == 2 and "fp8" in result.output
