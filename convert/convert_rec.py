@@ -392,14 +392,15 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
             "source": fingerprint,
         }
         train_dir, val_dir = out_dir / mf.TRAIN_DIR, out_dir / mf.VAL_DIR
-        recorded = _previous_record(out_dir, train_dir, header)
+        recorded = _previous_record(out_dir, train_dir, header, _rec_mtime(src_dir))
         train_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(train_dir)
         if wanted:
             val_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(val_dir)
 
-        state = _RunState(header=header, recorded=recorded, train_dir=train_dir, num_classes=num_classes)
+        state = _RunState(header=header, recorded=recorded, train_dir=train_dir, num_classes=num_classes,
+                          source_mtime_ns=_rec_mtime(src_dir))
         val_mismatch = _convert_val_sets(wanted, bins, val_dir, image_size, state, progress)
         written = _convert_train(plan, source, src_dir, state, image_size, shard_size, workers,
                                  skip_corrupt, progress)
@@ -452,11 +453,17 @@ def _select_sets(sets: Optional[Iterable[str]], bins: Dict[str, Path], src_dir: 
     return wanted
 
 
-def _previous_record(out_dir: Path, train_dir: Path, header: Dict[str, Any]) -> Dict[str, Any]:
-    """Shards (and val sets) recorded by an earlier run with the same settings.
+def _rec_mtime(src_dir: Path) -> int:
+    return (src_dir / "train.rec").stat().st_mtime_ns
 
-    Raises InputError if ``out_dir`` holds a conversion made with different settings:
-    its complete shards are never overwritten with different content.
+
+def _previous_record(out_dir: Path, train_dir: Path, header: Dict[str, Any], mtime_ns: int
+                     ) -> Dict[str, Any]:
+    """Shards (and val sets) recorded by an earlier run with the same settings and source.
+
+    Raises InputError if ``out_dir`` holds a conversion made with different settings, or from
+    a ``train.rec`` modified since (same size but other content): its complete shards are never
+    overwritten with different content, nor reused for a changed source.
     """
     want = mf.settings_of(header)
     final = train_dir / mf.MANIFEST_NAME
@@ -475,6 +482,9 @@ def _previous_record(out_dir: Path, train_dir: Path, header: Dict[str, Any]) -> 
                          + mf.describe_difference(state.get("header", {}), header)
                          + ") is here; choose another OUT_DIR or delete this one")
     if state is not None:
+        if state.get("source_mtime_ns") != mtime_ns:
+            raise InputError(train_dir / mf.STATE_NAME, "was made from a train.rec with another "
+                             "modification time (the source changed?); choose another OUT_DIR or delete this one")
         return {"shards": state["shards"], "val": state.get("val", {})}
     if train_dir.is_dir() and any(train_dir.glob("train-*.tar")):
         raise InputError(train_dir, "holds shards but no convert-state.json; choose another OUT_DIR "
@@ -490,6 +500,7 @@ class _RunState:
     recorded: Dict[str, Any]
     train_dir: Path
     num_classes: int
+    source_mtime_ns: int
     shards: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     val: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     images_written: int = 0
@@ -505,7 +516,7 @@ class _RunState:
 
     def save(self) -> None:
         mf.write_json_atomic(self.train_dir / mf.STATE_NAME, {
-            "format": mf.STATE_FORMAT, "header": self.header,
+            "format": mf.STATE_FORMAT, "header": self.header, "source_mtime_ns": self.source_mtime_ns,
             "shards": {k: self.shards[k] for k in sorted(self.shards)},
             "val": {k: self.val[k] for k in sorted(self.val)}})
 

@@ -173,7 +173,7 @@ def _ensure_synth(data_dir: Path, images: int, seed: int) -> Path:
             return data_dir
     from lresnet.tools.synth import synthesize
 
-    per_id = 50
+    per_id = 50 if images >= 500 else max(1, images // 5)
     identities = max(1, images // per_id)
     if data_dir.exists():
         shutil.rmtree(data_dir)
