@@ -148,6 +148,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic"),
         max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite", help="Abort after K non-finite "
                                                     "steps in a row."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process "
+                                              "(0 = default)."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
@@ -161,6 +163,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             net = net_name(net_mode, net_depth or 100)
         values = {
             "out": out, "seed": seed, "deterministic": deterministic, "max_nonfinite": max_nonfinite,
+            "threads": threads,
             "model": {"net": net, "embedding_size": embedding_size, "dropout": dropout,
                       "channels_last": channels_last, "options": _parse_options(net_option, "--net-option")},
             "head": {"name": head, "s": margin_s, "m": margin_m, "m1": m1, "m2": m2, "m3": m3,

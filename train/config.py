@@ -158,6 +158,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     max_nonfinite: int = 10  # consecutive non-finite steps before aborting
+    threads: int = 0  # torch CPU threads per process; 0 = torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -408,5 +409,6 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError("eval.sets", f"got {list(cfg.eval.sets)}, expected --val DIR to read them from")
 
     _check("log.every", cfg.log.every >= 1, cfg.log.every, ">= 1")
+    _check("threads", cfg.threads >= 0, cfg.threads, ">= 0 (0 = torch's default)")
     _check("max_nonfinite", cfg.max_nonfinite >= 1, cfg.max_nonfinite, ">= 1")
     _check("out", bool(cfg.out), cfg.out, "a run directory")

@@ -15,6 +15,7 @@ sharded head's centres are gathered from all of them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -232,6 +233,17 @@ def verify(backbone: nn.Module, pair_sets: list, cfg: TrainConfig, device: torch
         backbone.train(was_training)
 
 
+def params_digest(backbone: nn.Module, head: nn.Module, head_sharded: bool) -> str:
+    """sha256 over the replicated parameters (not BN statistics, which each rank updates from its own batch)."""
+    digest = hashlib.sha256()
+    modules = [backbone] if head_sharded else [backbone, head]
+    for module in modules:
+        for name, p in module.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _broadcast_float(value: float, ctx: DistContext) -> float:
     if not ctx.distributed:
         return value
@@ -273,6 +285,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed + ctx.world.rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -335,8 +349,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
             "loader": gather_objects(prefetcher.state_dict(), ctx),
             "rng": gather_objects(rng_state(ctx.device), ctx),
             "config": to_dict(cfg),
+            # per rank: proof that every replica ran the same steps and holds the same weights
+            "ranks": {"step": gather_objects(step, ctx),
+                      "params_sha256": gather_objects(params_digest(backbone, head, head_sharded), ctx)},
         }
         if ctx.is_main:
+            if len(set(state["ranks"]["params_sha256"])) > 1:
+                log.warning("step %d: replicas hold different weights: %s", step, state["ranks"]["params_sha256"])
             manager.save(state, step, metric)
 
     def run_verification() -> Optional[float]:

@@ -1,0 +1,124 @@
+"""The loop in-process: the loss falls, non-finite steps are skipped then abort, AMP paths on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lresnet.train.checkpoint import load_checkpoint
+from lresnet.train.loop import TrainingAborted, train
+
+
+def _losses(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_loss_falls_and_metrics_are_complete(tiny_config, tmp_path):
+    cfg = tiny_config(schedule={"max_steps": 40}, checkpoint={"every": 20})
+    result = train(cfg)
+    assert result.steps == 40 and result.skipped_steps == 0
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 40
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "loss", "lr", "images_per_s", "images_per_s_step", "data_wait", "grad_norm"):
+        assert key in record
+    assert 0.0 <= record["data_wait"] <= 1.0
+    assert record["images_per_s_step"] >= record["images_per_s"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["schedule"]["max_steps"] == 40
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt-00000040.pt")
+    assert ckpt["step"] == 40 and ckpt["head"]["weight"].shape == (16, 32)
+    # 128 samples / batch 16 = 8 steps per epoch: step 40 is the end of epoch 4
+    assert (ckpt["loader"][0]["epoch"], ckpt["loader"][0]["position"]) == (4, 8)
+
+
+def test_in_run_verification_is_logged_and_picks_the_best(tiny_config, tiny_shards, tmp_path):
+    cfg = tiny_config(schedule={"max_steps": 16}, eval={"val": str(tiny_shards[1]), "every": 8,
+                                                        "at_epoch_end": False})
+    result = train(cfg)
+    assert set(result.verification) == {"lfw"}
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "verification" in line]
+    assert [e["step"] for e in evals] == [8, 16]
+    assert 0.0 <= evals[0]["verification"]["lfw"]["accuracy"] <= 1.0
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+class _NaNAt(torch.nn.Module):
+    """Wraps a head: the loss is NaN on the listed calls (1-based), or always."""
+
+    def __init__(self, head, bad=None):
+        super().__init__()
+        self.head, self.bad, self.calls = head, bad, 0
+
+    def forward(self, emb, labels):
+        self.calls += 1
+        loss = self.head(emb, labels)
+        if self.bad is None or self.calls in self.bad:
+            return loss * float("nan")
+        return loss
+
+    def full_state_dict(self):
+        return self.head.full_state_dict()
+
+
+def _patch_head(monkeypatch, bad):
+    import lresnet.model.partial_fc as pfc
+
+    real = pfc.create_head
+    monkeypatch.setattr(pfc, "create_head", lambda *a, **k: _NaNAt(real(*a, **k), bad))
+
+
+def test_non_finite_loss_skips_the_step_and_counts_it(tiny_config, monkeypatch, tmp_path):
+    _patch_head(monkeypatch, bad={3, 4})
+    result = train(tiny_config(schedule={"max_steps": 8}))
+    assert result.steps == 8 and result.skipped_steps == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2, 2, 2]
+    weights = load_checkpoint(tmp_path / "run" / "ckpt-00000008.pt")["backbone"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_non_finite_steps_in_a_row_abort_with_a_clear_message(tiny_config, monkeypatch):
+    _patch_head(monkeypatch, bad=None)
+    with pytest.raises(TrainingAborted, match="not finite for 3 steps in a row"):
+        train(tiny_config(max_nonfinite=3))
+
+
+def _record_conv_dtypes(monkeypatch) -> list:
+    import lresnet.model as model
+
+    seen = []
+    real = model.create_backbone
+
+    def create(*a, **k):
+        net = real(*a, **k)
+        first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+        return net
+
+    monkeypatch.setattr(model, "create_backbone", create)
+    return seen
+
+
+def test_bf16_autocast_path_on_cpu(tiny_config, monkeypatch, tmp_path):
+    seen = _record_conv_dtypes(monkeypatch)
+    result = train(tiny_config(amp={"enabled": True, "dtype": "bf16"}, schedule={"max_steps": 6}))
+    assert result.steps == 6 and result.skipped_steps == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "run"))))
+    weights = load_checkpoint(tmp_path / "run" / "ckpt-00000006.pt")["backbone"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # master weights stay fp32
+
+
+def test_fp16_path_uses_the_grad_scaler(tiny_config, tmp_path):
+    result = train(tiny_config(amp={"enabled": True, "dtype": "fp16", "loss_scale": 1024.0},
+                               schedule={"max_steps": 4}))
+    assert result.steps == 4
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt-00000004.pt")
+    assert ckpt["scaler"]["scale"] > 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_scale" in record
