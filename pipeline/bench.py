@@ -1,0 +1,169 @@
+"""`lresnet bench pipeline`: input throughput against the decode limit and the usual map-style Dataset.
+
+All rates are images/s per worker process, measured in one run over the same synthetic shards:
+(a) simplejpeg decoding the same JPEG bytes from memory in a loop (the limit of any JPEG input path),
+(b) this pipeline from the shards (in-process, one worker, two workers),
+(c) the common peer approach: a map-style Dataset doing PIL decode + per-sample flip / ToTensor /
+    Normalize, batched by a DataLoader (transforms written out with PIL + numpy + torch).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lresnet.pipeline.config import PipelineConfig
+from lresnet.pipeline.loader import build_train_loader
+from lresnet.pipeline.shards import resolve_source
+from lresnet.pipeline.stages import open_shard
+from lresnet.pipeline.tario import read_samples
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One measured configuration: `rate` is images/s per worker process."""
+
+    name: str
+    images: int
+    seconds: float
+    processes: int
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds / self.processes if self.seconds > 0 else 0.0
+
+
+def make_bench_shards(work_dir: Path, images: int, seed: int = 0, shard_size: int = 2000,
+                      progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
+    """Synthetic faces_emore (the project's writer) converted to shards; returns the shard folder."""
+    from lresnet.convert.convert_rec import convert_rec
+    from lresnet.tools.synth import synthesize
+
+    per_id = 20
+    identities = max(1, -(-images // per_id))
+    src, out = work_dir / "faces_emore", work_dir / "shards"
+    synth_progress = (lambda done, total: progress("synth", done, total)) if progress else None
+    synthesize(src, identities=identities, images_per_id=per_id, pairs=0, sets=(), seed=seed,
+               progress=synth_progress)
+    convert_rec(src, out, shard_size=shard_size, seed=seed)
+    return out
+
+
+def load_jpegs(shard_dir: Path) -> tuple[list[bytes], list[int]]:
+    """Every JPEG and label of the shards, in memory."""
+    shards = resolve_source(shard_dir)
+    jpegs, labels = [], []
+    for url in shards.urls:
+        with open_shard(url) as stream:
+            for _, parts in read_samples(stream):
+                jpegs.append(parts["jpg"])
+                labels.append(int(parts["cls"]))
+    return jpegs, labels
+
+
+def bench_decode(jpegs: list[bytes]) -> BenchResult:
+    """(a) simplejpeg over bytes in memory: the limit."""
+    import simplejpeg
+
+    decode = simplejpeg.decode_jpeg
+    start = time.perf_counter()
+    for data in jpegs:
+        decode(data, colorspace="RGB")
+    return BenchResult("(a) simplejpeg decode loop, bytes in memory", len(jpegs), time.perf_counter() - start, 1)
+
+
+def _time_batches(name: str, batches: Iterable, processes: int) -> BenchResult:
+    """Time from the first batch to the last (worker start-up is not throughput)."""
+    it = iter(batches)
+    first = next(it)
+    start = time.perf_counter()
+    count = 0
+    for images, _ in it:
+        count += len(images)
+    del first
+    return BenchResult(name, count, time.perf_counter() - start, processes)
+
+
+def bench_pipeline(shard_dir: Path, workers: int, batch_size: int = 128, shuffle: bool = True,
+                   flip: bool = True) -> BenchResult:
+    """(b) this pipeline over the shards (shuffle=False and flip=False show what those stages cost)."""
+    config = PipelineConfig(batch_size=batch_size, workers=workers, pin_memory=False, flip=flip,
+                            shuffle_buffer=1000 if shuffle else 0)
+    loader = build_train_loader(shard_dir, config)
+    label = "in-process" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"
+    if not shuffle:
+        label += ", no shuffle"
+    if not flip:
+        label += ", no flip"
+    return _time_batches(f"(b) pipeline from shards, {label}", loader, max(1, workers))
+
+
+class PeerDataset(Dataset):
+    """The usual map-style face dataset: PIL decode, then per-sample RandomHorizontalFlip, ToTensor, Normalize."""
+
+    def __init__(self, jpegs: list[bytes], labels: list[int]):
+        self.jpegs, self.labels = jpegs, labels
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.jpegs[index])).convert("RGB")
+        if random.random() < 0.5:  # RandomHorizontalFlip
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255)  # ToTensor
+        x = x.sub_(0.5).div_(0.5)  # Normalize(mean=0.5, std=0.5)
+        return x, self.labels[index]
+
+
+def bench_peer(jpegs: list[bytes], labels: list[int], workers: int = 1, batch_size: int = 128) -> BenchResult:
+    """(c) the map-style Dataset + DataLoader baseline."""
+    loader = DataLoader(PeerDataset(jpegs, labels), batch_size=batch_size, shuffle=True, num_workers=workers,
+                        drop_last=True)
+    return _time_batches(f"(c) map-style Dataset, PIL, {workers} worker", loader, workers)
+
+
+def run_bench(images: int = 20000, work_dir: Optional[Path] = None, batch_size: int = 128, rounds: int = 3,
+              progress: Optional[Callable[[str, int, int], None]] = None) -> list[BenchResult]:
+    """Make the data, then measure every configuration `rounds` times, interleaved; keep each one's best.
+
+    Best-of-rounds, interleaved, because the machine is shared: a burst of load from elsewhere then
+    hits one round of every configuration rather than all rounds of one.
+    """
+    import tempfile
+
+    torch.set_num_threads(1)
+    best: dict[str, BenchResult] = {}
+    with tempfile.TemporaryDirectory(prefix="lresnet-bench-", dir=work_dir) as tmp:
+        shard_dir = make_bench_shards(Path(tmp), images, progress=progress)
+        jpegs, labels = load_jpegs(shard_dir)
+        runs: list[Callable[[], BenchResult]] = [
+            lambda: bench_decode(jpegs),
+            lambda: bench_pipeline(shard_dir, 0, batch_size),
+            lambda: bench_pipeline(shard_dir, 0, batch_size, shuffle=False, flip=False),
+            lambda: bench_pipeline(shard_dir, 1, batch_size),
+            lambda: bench_pipeline(shard_dir, 2, batch_size),
+            lambda: bench_peer(jpegs, labels, 1, batch_size),
+        ]
+        total = rounds * len(runs)
+        for r in range(rounds):
+            for i, run in enumerate(runs):
+                result = run()
+                if result.name not in best or result.rate > best[result.name].rate:
+                    best[result.name] = result
+                if progress is not None:
+                    progress("measure", r * len(runs) + i + 1, total)
+    return list(best.values())

@@ -1,0 +1,202 @@
+"""The training input pipeline: its definition (`train_pipeline`) and how it runs (`TrainLoader`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lresnet.pipeline import stages
+from lresnet.pipeline.augment import build_augmentations, random_width
+from lresnet.pipeline.config import PipelineConfig
+from lresnet.pipeline.decoders import get_decoder
+from lresnet.pipeline.plan import batches_per_rank, worker_plan
+from lresnet.pipeline.shards import ShardSet, Source, resolve_source
+from lresnet.pipeline.stages import Fault
+from lresnet.pipeline.world import World
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+MAX_KEPT_FAULTS = 1000
+
+
+def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, epoch: int, role: int, roles: int,
+                   start_batch: int = 0, shared: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+    """The pipeline, read top to bottom: source -> split -> shuffle -> decode -> augment -> batch.
+
+    Yields this worker role's batches of the epoch (after the first `start_batch` batches of the
+    rank, which a resumed run has already consumed) as `(images, labels, faults)`.
+    """
+    image_size = config.image_size or shards.image_size or (112, 112)
+    seed = (config.seed, epoch, world.rank, role, roles)
+    augmentations = build_augmentations(config.flip, config.augment)
+    faults: list[Fault] = []
+
+    plan = worker_plan(shards.counts, config.batch_size, world, config.seed, epoch, role, roles, start_batch)  # split
+    samples = stages.read_shards(plan.segments, shards.urls, faults, strict=config.strict)  # source
+    samples = stages.shuffle(samples, config.shuffle_buffer, seed + (1,))
+    samples = stages.attach_random(samples, random_width(augmentations), seed + (2,))
+    samples = stages.skip(samples, plan.skip_batches * config.batch_size)  # resume: drop before decoding
+    samples = stages.decode(samples, get_decoder(config.decoder), image_size, shards.num_classes, faults,
+                            strict=config.strict)
+    samples = stages.augment(samples, augmentations)
+    return stages.batch(samples, config.batch_size, plan.num_batches - plan.skip_batches, image_size, faults,
+                        ring=config.prefetch_factor + 2 if shared else 0)
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one rank, split over the DataLoader's workers (picklable: plain values only)."""
+
+    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, epoch: int, start_batch: int):
+        super().__init__()
+        self.shards, self.config, self.world = shards, config, world
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        info = get_worker_info()
+        roles, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        # the DataLoader asks worker 0 first; after a resume at batch k that must be role k % roles
+        role = (worker + self.start_batch) % roles
+        return train_pipeline(self.shards, self.config, self.world, self.epoch, role, roles,
+                              start_batch=self.start_batch, shared=info is not None)
+
+
+@dataclass
+class LoaderStats:
+    """Bad input met so far (counted in the main process, from what the workers report)."""
+
+    corrupt_samples: int = 0
+    truncated_shards: int = 0
+    faults: list[Fault] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"corrupt_samples": self.corrupt_samples, "truncated_shards": self.truncated_shards,
+                "faults": [str(f) for f in self.faults]}
+
+
+class TrainLoader:
+    """Per-rank batches of one training source; create with `build_train_loader`.
+
+    Iterating yields `len(self)` batches `(images uint8 [B, H, W, 3] RGB, labels int64 [B])` for the
+    current epoch (pinned when `config.pin_memory`); label -1 marks a slot whose sample was bad.
+    `set_epoch(e)` selects the epoch (a new shard order, shuffle and flips); `state_dict()` records
+    how many batches of the epoch were consumed, and after `load_state_dict()` iteration yields exactly
+    the remaining batches of that epoch. Resume needs the same seed, batch size, world and workers.
+    """
+
+    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World):
+        self.shards, self.config, self.world = shards, config, world
+        self.stats = LoaderStats()
+        self.epoch = 0
+        self._position = 0
+        self._len = batches_per_rank(shards.counts, config.batch_size, world.world_size)
+        self._pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Classes in the data set (from the manifest or the shards)."""
+        return self.shards.num_classes if self.config.num_classes is None else self.config.num_classes
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the data set (all ranks)."""
+        return self.shards.num_samples
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples used per epoch over all ranks (the rest, under world_size x batch_size, are left out)."""
+        return self._len * self.config.batch_size * self.world.world_size
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch consumed so far."""
+        return self._position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a different epoch starts at its first batch, the same one keeps its position."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The position inside the epoch, plus what must match on resume."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self._position,
+                "seed": self.config.seed, "batch_size": self.config.batch_size, "rank": self.world.rank,
+                "world_size": self.world.world_size, "workers": max(1, self.config.workers),
+                "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()`.
+
+        Raises:
+            ValueError: the state was saved with another seed, batch size, world, workers or data set.
+        """
+        mine = self.state_dict()
+        for name in ("version", "seed", "batch_size", "world_size", "workers", "num_samples"):
+            if int(state.get(name, -1)) != mine[name]:
+                raise ValueError(f"cannot resume the input pipeline: {name} was {state.get(name)} when saved, "
+                                 f"is {mine[name]} now (resume needs the same {name})")
+        position = int(state["position"])
+        if not 0 <= position <= self._len:
+            raise ValueError(f"loader position must be in [0, {self._len}], got {position}")
+        self.epoch = int(state["epoch"])
+        self._position = position
+
+    def _record(self, faults: list[Fault]) -> None:
+        for fault in faults:
+            if fault.kind == "corrupt":
+                self.stats.corrupt_samples += 1
+            else:
+                self.stats.truncated_shards += 1
+            if len(self.stats.faults) < MAX_KEPT_FAULTS:
+                self.stats.faults.append(fault)
+            logger.warning("skipped bad input: %s", fault)
+
+    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        stream = _EpochStream(self.shards, self.config, self.world, self.epoch, start)
+        if self.config.workers == 0:
+            return iter(stream)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.config.workers, pin_memory=self._pin,
+                            prefetch_factor=self.config.prefetch_factor, persistent_workers=False)
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._position >= self._len:
+            self._position = 0  # an iterator started at the end of an epoch runs it again
+        for images, labels, faults in self._batches(self._position):
+            if faults:
+                self._record(faults)
+            if self._pin and self.config.workers == 0:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            elif not self._pin and self.config.workers > 0:
+                # the worker reuses its shared buffers (stages.batch ring); pinning copies, this too
+                images, labels = images.clone(), labels.clone()
+            self._position += 1
+            yield images, labels
+
+
+def build_train_loader(source: Source, config: PipelineConfig, world: Optional[World] = None) -> TrainLoader:
+    """A TrainLoader over `source` (shard dir, manifest, brace pattern, shard list or `pipe:` URLs).
+
+    Raises:
+        InputError: the source cannot be resolved, or yields no batch for this world and batch size.
+    """
+    world = world or World()
+    shards = resolve_source(source)
+    loader = TrainLoader(shards, config, world)
+    if len(loader) == 0:
+        raise InputError(shards.urls[0] if len(shards.urls) == 1 else None,
+                         f"{shards.num_samples} samples give no batch of {config.batch_size} "
+                         f"on each of {world.world_size} ranks")
+    dropped = shards.num_samples - loader.samples_per_epoch
+    if dropped > 0.01 * shards.num_samples:
+        logger.warning("%d of %d samples (%.1f%%) are left out each epoch: fewer ranks or a smaller batch "
+                       "would use more", dropped, shards.num_samples, 100 * dropped / shards.num_samples)
+    return loader
