@@ -3,7 +3,8 @@
 Follows InsightFace's ``verification.test``:
 
 - input: uint8 RGB ``[n, H, W, 3]`` -> float ``(x - 127.5) / 127.5``, NCHW (channels_last
-  memory), on the device; ``bgr=True`` swaps the channels for weights trained on BGR
+  memory), on the device, by the training pipeline's own :func:`lresnet.pipeline.normalize_batch`;
+  ``bgr=True`` swaps the channels for weights trained on BGR
   input (the TreB1eN family);
 - flip TTA: the embedding of an image is ``normalise(e + e_flipped)`` where ``e_flipped``
   is the backbone's output for the horizontally mirrored image; without flip it is
@@ -27,6 +28,7 @@ from torch import nn
 from lresnet.convert.errors import InputError
 from lresnet.eval.data import PairSet
 from lresnet.eval.protocol import VerificationResult, evaluate
+from lresnet.pipeline import normalize_batch
 
 DeviceLike = Union[str, torch.device]
 _AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -102,13 +104,11 @@ def normalise_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def _to_input(batch: np.ndarray, device: torch.device, bgr: bool) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW channels_last ``(x - 127.5) / 127.5`` on the device."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2)
+    """uint8 NHWC RGB -> float32 NCHW channels_last ``(x - 127.5) / 127.5`` on the device (BGR if asked)."""
     if bgr:
-        x = x.flip(1)
-    x = x.to(torch.float32).sub_(127.5).div_(127.5)
-    return x.contiguous(memory_format=torch.channels_last)
+        batch = batch[..., ::-1]
+    return normalize_batch(torch.from_numpy(np.ascontiguousarray(batch)), device, torch.float32,
+                           channels_last=True)
 
 
 def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch_size: int = 64,

@@ -220,7 +220,7 @@ def test_console_script_exit_code(files, tmp_path):
 
 @pytest.mark.slow
 def test_bench_verify_reports_ratios(capsys, monkeypatch):
-    code, out, err = run_cli(["bench", "verify", "--net", "ir18", "--images", "4", "--batch-size", "2",
+    code, out, err = run_cli(["bench", "verify", "--net", "mobilefacenet", "--images", "2", "--batch-size", "2",
                               "--repeats", "1", "--json"], capsys, monkeypatch)
     assert code == 0, err
     doc = json.loads(out)
