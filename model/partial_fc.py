@@ -28,6 +28,9 @@ Training recipe (what the trainer does):
   the full ``{"weight": [num_classes, D]}`` on the CPU, so rank 0 can save it) and restore with
   :meth:`PartialFC.load_full_state_dict` on any number of ranks. Optimizer state of the centres (momentum)
   can be moved between world sizes the same way with :meth:`gather_shards` / :meth:`local_shard`.
+* Every rank must pass the same local batch size. With fp16 and a GradScaler, keep the centres in the same
+  optimizer as the backbone: a non-finite logit gradient reaches every rank's backbone gradient through the
+  all-gather, so all ranks then skip the step together.
 """
 
 # No `from __future__ import annotations` here: DDP checks sum_allreduce_hook's annotations at runtime.
