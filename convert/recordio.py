@@ -210,6 +210,38 @@ class RecordReader:
     def _load_idx(self) -> None:
         with open(self.idx_path, "rb") as fh:
             text = fh.read()
+        parsed = self._parse_idx_fast(text)
+        if parsed is None:
+            parsed = self._parse_idx_lines(text)
+        keys, offsets = parsed
+        order = np.argsort(keys, kind="stable")
+        keys, offsets = keys[order], offsets[order]
+        dup = np.flatnonzero(keys[1:] == keys[:-1])
+        if dup.size:
+            raise InputError(self.idx_path, f"duplicate key {int(keys[dup[0]])}")
+        self._key_arr, self._off_arr = keys, offsets
+
+    def _parse_idx_fast(self, text: bytes) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """Vectorised parse of a well-formed ``.idx``; None means: parse line by line for the error."""
+        if not text.endswith(b"\n") or b" " in text or b"\r" in text:
+            return None
+        buf = np.frombuffer(text, dtype=np.uint8)
+        seps = buf[(buf == 9) | (buf == 10)]  # must alternate TAB, NEWLINE: one of each per line
+        if seps.size % 2 or not (np.all(seps[0::2] == 9) and np.all(seps[1::2] == 10)):
+            return None
+        tokens = text.split()
+        if len(tokens) != seps.size:
+            return None
+        try:
+            table = np.array(tokens, dtype=np.bytes_).astype(np.int64).reshape(-1, 2)
+        except (ValueError, OverflowError):
+            return None
+        keys, offsets = table[:, 0].copy(), table[:, 1].copy()
+        if offsets.size and (offsets.min() < 0 or offsets.max() + _LREC.size > self.size):
+            return None
+        return keys, offsets
+
+    def _parse_idx_lines(self, text: bytes) -> Tuple[np.ndarray, np.ndarray]:
         lines = text.splitlines()
         keys = np.empty(len(lines), dtype=np.int64)
         offsets = np.empty(len(lines), dtype=np.int64)
@@ -230,13 +262,7 @@ class RecordReader:
                                                 f"end of {self.rec_path.name} ({self.size} bytes)",
                                  f"line {lineno}")
             n += 1
-        keys, offsets = keys[:n], offsets[:n]
-        order = np.argsort(keys, kind="stable")
-        keys, offsets = keys[order], offsets[order]
-        dup = np.flatnonzero(keys[1:] == keys[:-1])
-        if dup.size:
-            raise InputError(self.idx_path, f"duplicate key {int(keys[dup[0]])}")
-        self._key_arr, self._off_arr = keys, offsets
+        return keys[:n], offsets[:n]
 
     def _scan_keys(self) -> None:
         """Index a file without ``.idx``: walk the part headers, skipping over payloads."""

@@ -189,6 +189,16 @@ def test_idx_malformed_line_and_duplicate(tmp_path):
     idx.write_text("0\t0\n0\t12\n")
     with pytest.raises(InputError, match="duplicate key 0"):
         RecordReader(rec, idx)
+    idx.write_text("0\t0\t12\n1\n")
+    with pytest.raises(InputError, match="t.idx: line 1: expected"):
+        RecordReader(rec, idx)
+
+
+def test_idx_loose_formatting_still_reads(tmp_path):
+    rec, idx, offsets = write(tmp_path, RECORDS)
+    idx.write_text("\r\n".join(f"{i} {o}" for i, o in enumerate(offsets)) + "\r\n\r\n")
+    r = RecordReader(rec, idx)
+    assert [r.read(k) for k in r.keys] == RECORDS
 
 
 def test_read_at_past_end_and_continuation_start(tmp_path):
