@@ -45,7 +45,7 @@ _LREC = struct.Struct("<II")  # RecordIO part header: magic, cflag << 29 | lengt
 _LENGTH_MASK = (1 << 29) - 1
 
 PathLike = Union[str, "os.PathLike[str]"]
-# progress(stage, advance, total): stage is "train" or "val"; advance = images done since last call
+# progress(stage, advance, total): stage is "train" or "val <set>"; advance = samples done since the last call
 ProgressFn = Callable[[str, int, int], None]
 
 KEY_DIGITS_MIN = 9
@@ -536,7 +536,7 @@ def _convert_val_sets(wanted: List[str], bins: Dict[str, Path], val_dir: Path,
         state.val[name] = dict(info.as_dict(), set=name, pairs=pairs, size_mismatch=mm)
         state.bytes_written += info.bytes
         if progress is not None:
-            progress("val", pairs, pairs)
+            progress(f"val {name}", pairs, pairs)
     return mismatch
 
 

@@ -38,7 +38,7 @@ class _RateColumn(ProgressColumn):
 
 def _progress_bar(console: Console) -> Progress:
     """Images done, images/s, elapsed, ETA; drawn only on a terminal (logs and pipes stay clean)."""
-    return Progress(TextColumn("[bold]{task.description:>5}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("[bold]{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
                     _RateColumn(), TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=console, transient=False,
                     disable=not console.is_terminal)
@@ -152,6 +152,9 @@ def inspect_command(
 
 
 # --------------------------------------------------------------------------- bench
+# One conversion in a fresh interpreter. The main process's peak is VmHWM (ru_maxrss would
+# include the forked bench parent's RSS, which Linux carries across exec); the workers' peak is
+# RUSAGE_CHILDREN (they are forked from this small process).
 _RSS_CHILD = """
 import json, resource, sys, time
 from lresnet.convert import convert_rec
@@ -159,8 +162,13 @@ src, out, workers, shard_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(
 t = time.perf_counter()
 s = convert_rec(src, out, shard_size=shard_size, workers=workers, sets=[])
 dt = time.perf_counter() - t
-print(json.dumps({"seconds": dt, "images": s.num_samples, "bytes": s.bytes,
-                  "rss_main_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    pass
+print(json.dumps({"seconds": dt, "images": s.num_samples, "bytes": s.bytes, "rss_main_kb": hwm,
                   "rss_workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
