@@ -395,7 +395,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
         while step < min(epoch_end, last_step):
             t_wait = time.perf_counter()
             try:
-                images, labels = next(batches)
+                # DataLoader draws its worker seed from the global torch RNG whenever an epoch starts;
+                # fork it so that data loading never shifts the training stream (dropout, sampling),
+                # which a resumed run (new iterator mid-epoch) must reproduce exactly
+                with torch.random.fork_rng(devices=[]):
+                    images, labels = next(batches)
             except StopIteration:
                 raise InputError(cfg.data.shards, f"loader ended after step {step}, "
                                  f"expected {steps_per_epoch} batches per epoch") from None
