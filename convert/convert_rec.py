@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,6 +178,17 @@ def _init_worker(src_dir: str, abort_event, progress_queue) -> None:
     """Per-process setup: the source is opened lazily here, never inherited from the parent."""
     _STATE.clear()
     _STATE.update(src_dir=src_dir, abort=abort_event, queue=progress_queue, ppid=os.getppid(), source=None)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(ppid: int) -> None:
+    """A worker whose parent was killed (kill -9) would wait on the task queue forever: exit.
+
+    Its half-written shard keeps its temporary name, which the next run deletes.
+    """
+    while os.getppid() == ppid:
+        time.sleep(0.5)
+    os._exit(3)
 
 
 def _worker_source() -> RecordFetcher:

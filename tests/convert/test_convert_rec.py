@@ -257,8 +257,21 @@ def test_kill_9_then_rerun_gives_the_same_manifest(src, tmp_path, workers):
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)     # kill -9 the converter and its workers
+        os.kill(proc.pid, signal.SIGKILL)       # kill -9 the converter (its workers must follow)
         proc.wait()
+    try:
+        while True:                             # no orphaned worker outlives it for long
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "workers outlived the killed converter"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave a process behind, even on failure
+        except ProcessLookupError:
+            pass
     assert not (out / "train" / "manifest.json").exists()
     state = json.loads((out / "train" / "convert-state.json").read_text())
     assert 0 < len(state["shards"]) < 16
