@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -268,10 +269,8 @@ def test_kill_9_then_rerun_gives_the_same_manifest(src, tmp_path, workers):
             assert time.monotonic() < deadline, "workers outlived the killed converter"
             time.sleep(0.05)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # never leave a process behind, even on failure
-        except ProcessLookupError:
-            pass
     assert not (out / "train" / "manifest.json").exists()
     state = json.loads((out / "train" / "convert-state.json").read_text())
     assert 0 < len(state["shards"]) < 16
