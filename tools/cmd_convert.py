@@ -156,18 +156,16 @@ def inspect_command(
 # include the forked bench parent's RSS, which Linux carries across exec); the workers' peak is
 # RUSAGE_CHILDREN (they are forked from this small process).
 _RSS_CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 from lresnet.convert import convert_rec
 src, out, workers, shard_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 t = time.perf_counter()
 s = convert_rec(src, out, shard_size=shard_size, workers=workers, sets=[])
 dt = time.perf_counter() - t
 hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
+if os.path.exists("/proc/self/status"):
     with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-except (OSError, StopIteration):
-    pass
+        hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), hwm)
 print(json.dumps({"seconds": dt, "images": s.num_samples, "bytes": s.bytes, "rss_main_kb": hwm,
                   "rss_workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
