@@ -18,6 +18,9 @@ import torch
 from PIL import Image, ImageFilter
 
 
+_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE
+
+
 class Augmentation(ABC):
     """Base: `n_random` uniforms in [0, 1) per sample; `apply(image, u, i)` reads u[i:i + n_random]."""
 
@@ -35,10 +38,16 @@ class HorizontalFlip(Augmentation):
         self.p = p
 
     def apply(self, image: np.ndarray, u: Sequence[float], i: int) -> np.ndarray:
-        if u[i] < self.p:
-            # torch's flip kernel is ~8x faster than numpy's strided copy on HWC uint8
-            return torch.from_numpy(image).flip(1).numpy()
-        return image
+        if u[i] >= self.p:
+            return image
+        # torch's flip kernel is ~8x faster than numpy's strided copy on HWC uint8. Above 32768
+        # elements torch splits the work over its intra-op threads, which for one 112x112 image costs
+        # far more than it saves; DataLoader workers run one thread, elsewhere flip in row blocks.
+        tensor = torch.from_numpy(image)
+        if image.size <= _TORCH_GRAIN or torch.get_num_threads() == 1:
+            return tensor.flip(1).numpy()
+        rows = max(1, _TORCH_GRAIN // (image.size // image.shape[0]))
+        return torch.cat([tensor[r:r + rows].flip(1) for r in range(0, image.shape[0], rows)]).numpy()
 
 
 class RandomResizedCrop(Augmentation):
@@ -62,7 +71,7 @@ class RandomResizedCrop(Augmentation):
         top = int(u[i + 3] * (height - h + 1))
         left = int(u[i + 4] * (width - w + 1))
         crop = Image.fromarray(image[top:top + h, left:left + w])
-        return np.asarray(crop.resize((width, height), Image.BILINEAR))
+        return np.array(crop.resize((width, height), Image.BILINEAR))
 
 
 class ColorJitter(Augmentation):
@@ -97,7 +106,7 @@ class GaussianBlur(Augmentation):
         if u[i] >= self.p:
             return image
         radius = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[i + 1]
-        return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+        return np.array(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
 
 
 class RandomGrayscale(Augmentation):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lresnet.convert.errors import InputError
 from lresnet.pipeline import stages
 from lresnet.pipeline.augment import build_augmentations, random_width
 from lresnet.pipeline.config import PipelineConfig
@@ -182,14 +184,17 @@ class TrainLoader:
             yield images, labels
 
 
-def build_train_loader(source: Source, config: PipelineConfig, world: Optional[World] = None) -> TrainLoader:
+def build_train_loader(source: Source, config: PipelineConfig, world: Optional[World] = None,
+                       manifest: Optional[Union[str, "os.PathLike[str]"]] = None) -> TrainLoader:
     """A TrainLoader over `source` (shard dir, manifest, brace pattern, shard list or `pipe:` URLs).
+
+    `manifest` supplies sample counts for a list of remote (`pipe:`) shards, matched by file name.
 
     Raises:
         InputError: the source cannot be resolved, or yields no batch for this world and batch size.
     """
     world = world or World()
-    shards = resolve_source(source)
+    shards = resolve_source(source, manifest)
     loader = TrainLoader(shards, config, world)
     if len(loader) == 0:
         raise InputError(shards.urls[0] if len(shards.urls) == 1 else None,

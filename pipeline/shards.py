@@ -88,8 +88,12 @@ def count_shard(url: str) -> tuple[int, int]:
     return count, classes
 
 
-def resolve_source(source: Source) -> ShardSet:
+def resolve_source(source: Source, manifest: Optional[Union[str, "os.PathLike[str]"]] = None) -> ShardSet:
     """Turn any accepted source form into a ShardSet.
+
+    `manifest` gives the counts of a shard list (matched by file name; for `pipe:` URLs the name
+    of the last word, e.g. `pipe:curl -s https://host/train-000000.tar`); without it a manifest.json
+    beside a local shard of the list is used, and local shards missing from it are counted.
 
     Raises:
         InputError: nothing found, an unreadable manifest, or remote shards with no counts.
@@ -112,23 +116,26 @@ def resolve_source(source: Source) -> ShardSet:
         urls = [os.fspath(u) for u in source]
     if not urls:
         raise InputError(None, "the shard list is empty")
-    # counts from a manifest beside the shards, when there is one
-    first = Path(urls[0])
+    # counts from the given manifest, else from one beside the first local shard; matched by file name
+    if manifest is None:
+        local = next((Path(u) for u in urls if not _is_remote(u)), None)
+        if local is not None and (local.parent / "manifest.json").is_file():
+            manifest = local.parent / "manifest.json"
     known: dict[str, int] = {}
     num_classes: Optional[int] = None
     image_size = None
-    if not _is_remote(urls[0]) and (first.parent / "manifest.json").is_file():
-        listed = _from_manifest(first.parent / "manifest.json")
+    if manifest is not None:
+        listed = _from_manifest(Path(manifest))
         known = {os.path.basename(u): c for u, c in zip(listed.urls, listed.counts)}
         num_classes, image_size = listed.num_classes, listed.image_size
     counts = []
     classes = 0
     for url in urls:
-        name = os.path.basename(url)
+        name = os.path.basename(url.split()[-1]) if _is_remote(url) else os.path.basename(url)
         if name in known:
             counts.append(known[name])
         elif _is_remote(url):
-            raise InputError(url, "remote shard with no sample count: give the manifest.json as the source")
+            raise InputError(url, "remote shard with no sample count: pass its manifest.json (manifest=...)")
         elif not os.path.exists(url):
             raise InputError(url, "shard not found")
         else:

@@ -162,13 +162,9 @@ def read_samples(stream: BinaryIO, skip: int = 0, limit: Optional[int] = None,
                 raise TarReadError("tar member cut short", offset, key)
             offset += _skip(stream, padded, seekable)
             continue
-        if padded == size:
-            data = read(size)
-        else:
-            data = read(size)
-            read(padded - size)
-        if len(data) < size:
-            raise TarReadError(f"tar member {name} cut short ({len(data)} of {size} bytes)", offset, key)
+        data = read(size)
+        if len(data) < size or (padded != size and len(read(padded - size)) < padded - size):
+            raise TarReadError(f"tar member {name} cut short", offset, key)
         offset += padded
         parts[ext] = data
     if key is not None and index >= skip:

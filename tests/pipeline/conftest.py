@@ -1,0 +1,74 @@
+"""Tiny shards for the pipeline tests, made by the project's own writers (synth -> convert_rec).
+
+One image per identity, so every label names exactly one sample: tests can check which samples
+a rank or an epoch saw from the labels alone.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+SAMPLES = 240
+SHARD_SIZE = 37  # 6 shards of 37 and one of 18
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory) -> Path:
+    """A converted synthetic data set: OUT/train/train-00000{0..6}.tar + manifest.json."""
+    from lresnet.convert.convert_rec import convert_rec
+    from lresnet.tools.synth import synthesize
+
+    root = tmp_path_factory.mktemp("pipeline-data")
+    synthesize(root / "src", identities=SAMPLES, images_per_id=1, pairs=0, sets=(), seed=3)
+    convert_rec(root / "src", root / "out", shard_size=SHARD_SIZE, seed=0)
+    return root / "out"
+
+
+def read_members(path: Path) -> list[tuple[str, bytes]]:
+    """(name, payload) of every member of a tar, read with the standard library."""
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """Write members with the standard library's tarfile (ustar)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _corrupt_one_jpeg(shard: Path) -> str:
+    members = read_members(shard)
+    name = next(n for n, _ in members if n.endswith(".jpg"))
+    write_tar(shard, [(n, d[:200] + b"\0" * 300 if n == name else d) for n, d in members])
+    return name.rsplit(".", 1)[0]
+
+
+def _truncate(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[: 512 * 21 + 100])  # inside the 6th sample
+
+
+@pytest.fixture
+def damaged_shards(tmp_path, synth_shards):
+    """`damaged_shards("corrupt" | "truncated")` -> (copy of the shard set, damaged key or None).
+
+    Shard train-000002.tar of the copy gets one JPEG overwritten with garbage (rewritten with the
+    standard library's tarfile), or is cut short in the middle of a member.
+    """
+
+    def make(kind: str):
+        dst = tmp_path / f"damaged-{kind}"
+        shutil.copytree(synth_shards, dst)
+        shard = dst / "train" / "train-000002.tar"
+        key = _corrupt_one_jpeg(shard) if kind == "corrupt" else _truncate(shard)
+        return dst, key
+
+    return make

@@ -1,0 +1,183 @@
+"""The loader end to end on shards made by synth -> convert_rec (one image per class: labels name samples)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lresnet.convert.errors import InputError
+from lresnet.pipeline import DevicePrefetcher, PipelineConfig, World, build_train_loader
+
+SAMPLES = 240  # tests/pipeline/conftest.py: one image for each of 240 identities
+
+
+def _labels(loader):
+    return [lab for _, labels in loader for lab in labels.tolist()]
+
+
+def _config(**kw):
+    base = dict(batch_size=8, workers=0, shuffle_buffer=16, seed=5, pin_memory=False)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_are_disjoint_equal_and_nearly_complete(synth_shards, workers):
+    world_size = 3
+    seen = []
+    lengths = set()
+    for rank in range(world_size):
+        loader = build_train_loader(synth_shards, _config(workers=workers), World(rank, world_size))
+        loader.set_epoch(1)
+        labels = _labels(loader)
+        assert len(labels) == len(loader) * 8
+        lengths.add(len(loader))
+        seen += labels
+    assert lengths == {SAMPLES // world_size // 8}  # 10 batches on every rank
+    assert len(set(seen)) == len(seen)  # no sample twice in the epoch
+    assert SAMPLES - len(seen) < world_size * 8
+    assert set(seen) <= set(range(SAMPLES))
+
+
+def test_worker_count_does_not_change_what_a_rank_reads(synth_shards):
+    world = World(1, 3)
+    in_process = build_train_loader(synth_shards, _config(workers=0), world)
+    two = build_train_loader(synth_shards, _config(workers=2), world)
+    assert sorted(_labels(in_process)) == sorted(_labels(two))
+
+
+def test_each_epoch_a_new_order_and_the_same_epoch_the_same(synth_shards):
+    loader = build_train_loader(synth_shards, _config(), World(0, 2))
+    epochs = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        epochs.append(_labels(loader))
+    assert epochs[0] != epochs[1]
+    assert set(epochs[0]) != set(epochs[1])  # rank 0 reads other samples too, not only in another order
+    assert epochs[0] == epochs[2]
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 5), (2, 5), (2, 4)])
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(synth_shards, workers, stop):
+    config = _config(workers=workers)
+    world = World(2, 3)
+    full = build_train_loader(synth_shards, config, world)
+    full.set_epoch(3)
+    expected = [(images.clone(), labels.clone()) for images, labels in full]
+
+    first = build_train_loader(synth_shards, config, world)
+    first.set_epoch(3)
+    it = iter(first)
+    for _ in range(stop):
+        next(it)
+    state = first.state_dict()
+    assert state["position"] == stop and state["epoch"] == 3
+
+    resumed = build_train_loader(synth_shards, config, world)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the trainer's usual call keeps the resumed position
+    rest = list(resumed)
+    assert len(rest) == len(expected) - stop
+    for (images, labels), (want_images, want_labels) in zip(rest, expected[stop:]):
+        assert torch.equal(labels, want_labels)
+        assert torch.equal(images, want_images)  # same samples, same flips
+    assert resumed.state_dict()["position"] == len(resumed)
+
+
+def test_state_from_another_setup_is_refused(synth_shards):
+    loader = build_train_loader(synth_shards, _config(), World(0, 2))
+    state = loader.state_dict()
+    other = build_train_loader(synth_shards, _config(batch_size=4), World(0, 2))
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_prefetcher_state_does_not_count_the_batch_held_ahead(synth_shards):
+    loader = build_train_loader(synth_shards, _config(), World())
+    batches = DevicePrefetcher(loader, "cpu")
+    it = iter(batches)
+    images, labels = next(it)
+    next(it)
+    assert images.shape == (8, 3, 112, 112) and images.dtype == torch.float32
+    assert loader.state_dict()["position"] == 3  # two handed out, one prepared ahead
+    assert batches.state_dict()["position"] == 2
+
+
+def test_source_forms_agree(synth_shards):
+    train = synth_shards / "train"
+    tars = sorted(str(p) for p in train.glob("train-*.tar"))
+    forms = [synth_shards, train, train / "manifest.json", str(train / "train-{000000..000006}.tar"), tars,
+             [f"pipe:cat {t}" for t in tars[:3]] + tars[3:], [f"pipe:cat {t}" for t in tars]]
+    reference = _labels(build_train_loader(synth_shards, _config(), World()))
+    for form in forms:
+        manifest = train / "manifest.json" if isinstance(form, list) and form[0].startswith("pipe:") else None
+        loader = build_train_loader(form, _config(), World(), manifest=manifest)
+        assert loader.num_samples == SAMPLES and loader.num_classes == SAMPLES
+        assert _labels(loader) == reference
+
+
+def test_list_without_manifest_is_counted(tmp_path, synth_shards):
+    for i in (0, 1):
+        shutil.copy(synth_shards / "train" / f"train-00000{i}.tar", tmp_path)
+    loader = build_train_loader(sorted(str(p) for p in tmp_path.glob("*.tar")), _config(), World())
+    assert loader.num_samples == 74 and len(loader) == 9
+
+
+def test_remote_shards_need_a_manifest():
+    with pytest.raises(InputError, match="manifest"):
+        build_train_loader(["pipe:cat /nonexistent/a.tar"], _config(), World())
+
+
+def test_corrupt_jpeg_is_counted_and_skipped(damaged_shards):
+    data, key = damaged_shards("corrupt")
+    loader = build_train_loader(data, _config(), World())
+    labels = _labels(loader)
+    assert loader.stats.corrupt_samples == 1
+    fault = loader.stats.faults[0]
+    assert fault.shard.endswith("train-000002.tar") and fault.key == key
+    assert len(labels) == len(loader) * 8  # batch shape kept
+    assert labels.count(-1) <= 1  # -1 unless the sample fell in the part left out this epoch
+    good = [lab for lab in labels if lab >= 0]
+    assert len(set(good)) == len(good)
+
+
+def test_corrupt_jpeg_strict_names_shard_and_key(damaged_shards):
+    data, key = damaged_shards("corrupt")
+    loader = build_train_loader(data, _config(strict=True, shuffle_buffer=0), World())
+    for epoch in range(4):  # within a few epochs the sample is not among those left out
+        loader.set_epoch(epoch)
+        try:
+            _labels(loader)
+        except InputError as err:
+            assert "train-000002.tar" in str(err) and key in str(err)
+            return
+    pytest.fail("strict mode never raised on the corrupt sample")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_is_reported_and_batches_keep_coming(damaged_shards, workers):
+    data, _ = damaged_shards("truncated")
+    loader = build_train_loader(data, _config(workers=workers), World())
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    assert loader.stats.truncated_shards >= 1
+    assert any(f.shard.endswith("train-000002.tar") and f.kind == "truncated" for f in loader.stats.faults)
+    labels = [lab for _, labels in batches for lab in labels.tolist()]
+    assert labels.count(-1) > 0
+    good = [lab for lab in labels if lab >= 0]
+    assert len(set(good)) == len(good)
+
+
+def test_truncated_shard_strict_raises(damaged_shards):
+    data, _ = damaged_shards("truncated")
+    loader = build_train_loader(data, _config(strict=True), World())
+    with pytest.raises(InputError, match="train-000002.tar"):
+        _labels(loader)
+
+
+def test_too_little_data_for_one_batch_is_an_input_error(synth_shards):
+    with pytest.raises(InputError, match="no batch"):
+        build_train_loader(synth_shards, _config(batch_size=128), World(0, 2))
