@@ -172,3 +172,15 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     (tmp_path / "train-000000.tar").write_bytes(b"complete")
     assert remove_stale_temp_files(tmp_path) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["train-000000.tar"]
+
+
+def test_add_pair_writes_the_same_bytes_as_two_adds(tmp_path):
+    a = TarShardWriter(tmp_path / "a.tar", tmp_path / "a.idx")
+    b = TarShardWriter(tmp_path / "b.tar", tmp_path / "b.idx")
+    for k in range(40):
+        data = os.urandom(k * 211 % 3000)
+        a.add_pair(f"{k:09d}", "jpg", data, "cls", str(k).encode())
+        b.add(f"{k:09d}.jpg", data)
+        b.add(f"{k:09d}.cls", str(k).encode())
+    assert a.close().sha256 == b.close().sha256
+    assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
