@@ -16,11 +16,15 @@ and whether each pair shows the same person:
   that threshold are averaged over the folds.
 
 InsightFace reads the threshold with ``scipy.interpolate.interp1d(far, thresholds,
-kind="slinear")``. ``far`` repeats values (it is a step function), which SciPy >= 1.x
-refuses ("Expect x to not have duplicates"), so the reference code crashes on current
-SciPy. Older SciPy built a degree-1 B-spline on the knots ``[x0, x0, ..., xn, xn]``
-without checking and evaluated it with de Boor's recursion; :func:`legacy_slinear`
-reproduces that evaluation exactly, so the numbers are the ones the reference gave.
+kind="slinear")``. ``far`` repeats values (it is a step function), which SciPy >= 1.9
+refuses ("Expect x to not have duplicates"), so the reference crashes on current SciPy.
+SciPy 1.6-1.8 sorted ``x`` stably (mergesort), built a degree-1 B-spline on the knots
+``[x0, x0, x1, ..., xn, xn]`` without checking for repeats and evaluated it with de Boor's
+recursion; :func:`legacy_slinear` reproduces that evaluation exactly, so the numbers are the
+ones the reference gave there (checked against real SciPy 1.8.1, see
+``tests/eval/old_scipy_crosscheck.py``). SciPy <= 1.5 sorted with an unstable quicksort, so
+the order of equal FAR values, and with it VR/FAR, depended on NumPy's sort internals; those
+numbers are not reproducible and are not targeted.
 
 Beyond the reference: ROC AUC and EER over all pairs, and the best threshold on all
 pairs. Nothing here needs SciPy or scikit-learn.
@@ -109,7 +113,7 @@ class _Counts:
 
 
 def legacy_slinear(x: np.ndarray, y: np.ndarray, x_new: float) -> float:
-    """``interp1d(x, y, kind="slinear")(x_new)`` as SciPy computed it before it refused repeated x.
+    """``interp1d(x, y, kind="slinear")(x_new)`` as SciPy 1.6-1.8 computed it (before it refused repeated x).
 
     The old code sorted ``x`` stably, made the degree-1 B-spline with knots
     ``[x[0], x[0], x[1], ..., x[-1], x[-1]]`` and coefficients ``y``, and evaluated it:

@@ -2,9 +2,11 @@
 
 The reference below is written the plain way InsightFace's ``verification.py`` works
 (sklearn KFold, per-threshold boolean predictions, ``np.argmax``), and reads the
-threshold for FAR = 1e-3 the way SciPy's ``interp1d(kind="slinear")`` did before it
-refused repeated x: a degree-1 B-spline on the knots ``[x0, x0, x1, ..., xn, xn]``,
-evaluated here with SciPy's own ``BSpline`` (which still evaluates such knots).
+threshold for FAR = 1e-3 the way SciPy 1.6-1.8's ``interp1d(kind="slinear")`` did before
+SciPy 1.9 refused repeated x: stable sort, then a degree-1 B-spline on the knots
+``[x0, x0, x1, ..., xn, xn]``, evaluated here with SciPy's own ``BSpline`` (which still
+evaluates such knots). ``old_scipy_crosscheck.py`` beside this file runs the same comparison
+against a real SciPy 1.8.1 (in an old environment; not part of the suite).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lresnet.eval.protocol import (ACCURACY_THRESHOLDS, evaluate, kfold_bounds, 
 
 # ---------------------------------------------------------------- the reference
 def old_scipy_slinear(x, y, x_new):
-    """What ``interp1d(x, y, kind='slinear')(x_new)`` returned on SciPy that accepted repeated x."""
+    """What ``interp1d(x, y, kind='slinear')(x_new)`` returned on SciPy 1.6-1.8 (repeated x accepted)."""
     order = np.argsort(x, kind="mergesort")
     xs = np.asarray(x, dtype=float)[order]
     ys = np.asarray(y, dtype=float)[order]
