@@ -637,6 +637,7 @@ def _run_parallel(jobs: List[ShardJob], src_dir: Path, workers: int,
             raise
         finally:
             _drain(progress_queue, progress, total)
+    _drain(progress_queue, progress, total)  # what the workers flushed while exiting
     if error is not None:
         raise InputError(*error)
 
