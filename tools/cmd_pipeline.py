@@ -44,10 +44,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         peer = next(r for r in results if r.name.startswith("(c)")).rate
         table = Table(title=f"input pipeline, {images} synthetic 112x112 JPEGs, batch {batch_size}, "
                             f"best of {rounds} rounds")
-        table.add_column("configuration")
+        table.add_column("configuration", no_wrap=True)
         table.add_column("images/s per worker", justify="right")
         table.add_column("x (a) limit", justify="right")
         table.add_column("x (c) baseline", justify="right")
         for r in results:
             table.add_row(r.name, f"{r.rate:,.0f}", f"{r.rate / limit:.2f}", f"{r.rate / peer:.2f}")
-        Console().print(table)
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=120)  # a pipe or a log file: do not wrap the rows at 80 columns
+        out.print(table)

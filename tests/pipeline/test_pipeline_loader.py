@@ -181,3 +181,13 @@ def test_truncated_shard_strict_raises(damaged_shards):
 def test_too_little_data_for_one_batch_is_an_input_error(synth_shards):
     with pytest.raises(InputError, match="no batch"):
         build_train_loader(synth_shards, _config(batch_size=128), World(0, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_pinned_for_cuda(synth_shards, workers):
+    loader = build_train_loader(synth_shards, _config(workers=workers, pin_memory=True), World())
+    images, labels = next(iter(loader))
+    assert images.is_pinned() and labels.is_pinned()
+    x, y = next(iter(DevicePrefetcher(loader, "cuda", dtype=torch.bfloat16)))
+    assert x.is_cuda and x.shape == (8, 3, 112, 112) and y.is_cuda
