@@ -425,7 +425,8 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
     manifest["num_samples"] = sum(s["count"] for s in shards)
     manifest["skipped_corrupt"] = sum(s["skipped"] for s in shards)
     manifest["shards"] = [{k: s[k] for k in ("name", "count", "bytes", "sha256")} for s in shards]
-    manifest["val"] = [state.val[name] for name in sorted(state.val)]
+    manifest["val"] = [{k: state.val[name][k] for k in ("set", "name", "pairs", "bytes", "sha256")}
+                       for name in sorted(state.val)]
     mf.write_json_atomic(train_dir / mf.MANIFEST_NAME, manifest)
 
     seconds = time.perf_counter() - t0
