@@ -1,0 +1,91 @@
+"""``lresnet bench train``: train-step throughput with the real shard pipeline vs the in-memory source.
+
+Both runs use the same model, batch and device, in the same process, one after
+the other; the first log window (warm-up, worker start) is left out. Reported per
+source: images/s end to end, images/s of the step alone (the reference's way:
+wall time minus time waiting for data), and the fraction of time spent waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lresnet.train.config import build_config
+
+log = logging.getLogger(__name__)
+
+
+def summarize_windows(records: list[dict[str, Any]], global_batch: int) -> dict[str, float]:
+    """Throughput over the log windows after the first (warm-up) one: total images / total time.
+
+    `records` are the loop's log records in step order; window i covers the steps since record i-1.
+    """
+    if len(records) < 2:
+        raise ValueError("need at least two log windows (run more steps than two log intervals)")
+    wall = step_only = 0.0
+    images = 0
+    for prev, rec in zip(records, records[1:]):
+        n = (rec["step"] - prev["step"]) * global_batch
+        images += n
+        wall += n / rec["images_per_s"]
+        step_only += n / rec["images_per_s_step"]
+    return {"images_per_s": images / wall, "images_per_s_step": images / step_only,
+            "data_wait": (wall - step_only) / wall}
+
+
+def _make_shards(work: Path, seed: int = 0) -> Path:
+    from lresnet.convert import convert_rec
+    from lresnet.tools.synth import synthesize
+
+    synthesize(work / "faces", identities=100, images_per_id=20, pairs=0, seed=seed, sets=())
+    convert_rec(work / "faces", work / "shards", shard_size=500, seed=seed)
+    return work / "shards" / "train"
+
+
+def bench_train(work_dir: Union[str, Path], shards: Optional[str] = None, net: str = "mobilefacenet",
+                net_options: Optional[dict[str, Any]] = None, batch_size: int = 64, steps: int = 30,
+                workers: int = 2, device: str = "cpu", amp_dtype: Optional[str] = None,
+                log_every: int = 5) -> list[dict[str, Any]]:
+    """Train `steps` steps from `shards` (made here when None), then from the synthetic source.
+
+    Returns one row per source: ``source, images_per_s, images_per_s_step, data_wait, ratio_to_synthetic``.
+    """
+    from lresnet.pipeline import PipelineConfig, World, build_train_loader
+    from lresnet.train.loop import train
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    shard_source = shards or str(_make_shards(work))
+    num_classes = build_train_loader(shard_source, PipelineConfig(batch_size=batch_size, workers=0),
+                                     World()).num_classes
+    if steps < 2 * log_every:
+        raise ValueError(f"steps must be >= {2 * log_every} (two log windows), got {steps}")
+    rows = []
+    for label, source in ((f"shards ({workers} workers)", shard_source), ("synthetic (memory)", "synthetic")):
+        run_dir = work / ("run-synthetic" if source == "synthetic" else "run-shards")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = build_config({
+            "out": str(run_dir),
+            "model": {"net": net, "options": net_options or {}},
+            "data": {"shards": source, "batch_size": batch_size, "workers": workers,
+                     "synthetic_classes": num_classes},
+            "schedule": {"kind": "constant", "max_steps": steps},
+            "amp": {"enabled": amp_dtype is not None, "dtype": amp_dtype or "bf16"},
+            "dist": {"device": device},
+            "checkpoint": {"every": 0, "resume": False},
+            "log": {"every": log_every, "tensorboard": False},
+        })
+        train(cfg)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        windows = [r for r in records if "images_per_s" in r]
+        rows.append({"source": label, **summarize_windows(windows, batch_size)})
+        log.info("%s: %.1f images/s end to end, %.1f step only, %.1f%% waiting for data", label,
+                 rows[-1]["images_per_s"], rows[-1]["images_per_s_step"], 100 * rows[-1]["data_wait"])
+    synthetic = rows[-1]["images_per_s"]
+    for row in rows:
+        row["ratio_to_synthetic"] = row["images_per_s"] / synthetic
+    return rows
