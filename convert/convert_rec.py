@@ -31,6 +31,7 @@ import simplejpeg
 
 from lresnet.convert import manifest as mf
 from lresnet.convert.errors import InputError
+from lresnet.convert.pairs import load_bin
 from lresnet.convert.recordio import MAGIC, FacesEmore
 from lresnet.convert.shards import (
     ShardInfo,
@@ -248,7 +249,8 @@ def _queue_reporter() -> Callable[[int], None]:
     return report
 
 
-def _write_train_shard(job: ShardJob, source: RecordFetcher, report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
+def _write_train_shard(job: ShardJob, source: RecordFetcher,
+                       report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
     stem = mf.shard_stem(job.index)
     train_dir = Path(job.train_dir)
     images: Dict[int, Tuple[int, bytes]] = {}
@@ -260,7 +262,8 @@ def _write_train_shard(job: ShardJob, source: RecordFetcher, report: Optional[Ca
             label, jpeg = source.image(key)
             size = _jpeg_size(jpeg)
             if size is None:
-                raise InputError(source.source.rec_path, "image is not a readable JPEG", where=f"record {key}")
+                raise InputError(source.source.rec_path, "image is not a readable JPEG",
+                                 where=f"record {key}")
         except InputError:
             if not job.skip_corrupt:
                 raise
@@ -301,8 +304,6 @@ def write_val_set(name: str, bin_path: PathLike, val_dir: Path,
 
     Returns (shard info, pairs, images whose JPEG size differs from ``image_size``).
     """
-    from lresnet.convert.pairs import load_bin
-
     pairs = load_bin(bin_path)
     images, issame = pairs.images, pairs.issame  # load_bin checked 2 images per pair
     digits = max(6, len(str(max(0, len(issame) - 1))))
