@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -280,6 +281,48 @@ def test_kill_9_then_rerun_gives_the_same_manifest(src, tmp_path, workers):
     assert (out / "train" / "manifest.json").read_bytes() == (reference / "train" / "manifest.json").read_bytes()
     assert verify_shards(out).shards == 16
     assert not list((out / "train").glob(".*.tmp"))
+
+
+def _with_split_record(src: Path, dst: Path) -> int:
+    """Rewrite ``src`` with one image whose JPEG holds the RecordIO magic (4-byte aligned in the
+    record) inside a COM segment, so the writer splits that record into parts."""
+    from lresnet.convert.recordio import MAGIC, RecordReader, RecordWriter
+
+    shutil.copytree(src, dst)
+    with FacesEmore(src) as fe:
+        target = fe.image_keys[3]
+    magic = struct.pack("<I", MAGIC)
+    with RecordReader(src / "train.rec", src / "train.idx") as reader, \
+            RecordWriter(dst / "train.rec", dst / "train.idx") as writer:
+        for key in reader.keys:
+            record = reader.read(key)
+            if key == target:
+                head = 24 + 4 * struct.unpack_from("<I", record)[0]   # IRHeader + flag float labels
+                filler = b"x" * (-(head + 6) % 4)                       # SOI + COM marker/length
+                comment = b"\xff\xfe" + struct.pack(">H", 2 + len(filler) + 4 + 2) + filler + magic + b"yy"
+                record = record[:head + 2] + comment + record[head + 2:]
+                assert record.find(magic) % 4 == 0
+            writer.write(key, record)
+    return target
+
+
+def test_split_records_and_multi_float_labels(tmp_path):
+    src = tmp_path / "multi"
+    synthesize(src, identities=4, images_per_id=3, pairs=0, seed=2, sets=(), label_format="multi",
+               header_at="end")
+    split_src = tmp_path / "split"
+    target = _with_split_record(src, split_src)
+    with open(split_src / "train.rec", "rb") as f:
+        # header + 12 images + 4 identities = 17 records, one of them in 2 parts
+        assert f.read().count(struct.pack("<I", 0xCED7230A)) == 17 + 1
+    with FacesEmore(split_src) as fe:
+        want = {k: fe.read_image(k) for k in fe.image_keys}
+    assert want[target][1].count(struct.pack("<I", 0xCED7230A)) == 1
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        convert_rec(split_src, out, shard_size=5, workers=workers)
+        got = {int(k): (int(cls), jpg) for k, jpg, cls in _read_train(out)}
+        assert got == want
 
 
 def test_plan_holds_only_keys():
