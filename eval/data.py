@@ -68,7 +68,10 @@ def find_set_file(name: str, data_dir: PathLike) -> Path:
             return candidate
     sets = available_sets(folder)
     listed = ", ".join(sets) if sets else "none (no .tar or .bin files here)"
-    raise InputError(folder, f"unknown verification set {name!r}; available: {listed}")
+    hint = ""
+    if not sets and available_sets(folder / "val"):
+        hint = f" (the converted sets are in {folder / 'val'})"
+    raise InputError(folder, f"unknown verification set {name!r}; available: {listed}{hint}")
 
 
 def load_pair_set(name: str, data_dir: Optional[PathLike] = None, bin_path: Optional[PathLike] = None,

@@ -270,32 +270,24 @@ def evaluate(embeddings: np.ndarray, issame: Sequence[bool] | np.ndarray, nrof_f
     dist = pair_distances(emb)
     folds = _fold_masks(n, nrof_folds)
 
-    # accuracy: best threshold on the training folds, scored on the held-out fold
-    grid = ACCURACY_THRESHOLDS
+    grid, vgrid = ACCURACY_THRESHOLDS, VAL_THRESHOLDS
     tprs = np.zeros((nrof_folds, grid.size))
     fprs = np.zeros((nrof_folds, grid.size))
-    fold_acc = np.zeros(nrof_folds)
-    fold_thr = np.zeros(nrof_folds)
+    fold_acc, fold_thr = np.zeros(nrof_folds), np.zeros(nrof_folds)
+    fold_val, fold_far, val_thr = np.zeros(nrof_folds), np.zeros(nrof_folds), np.zeros(nrof_folds)
     for k, (train, test) in enumerate(folds):
-        best = int(np.argmax(_Counts(dist[train], same[train]).accuracy(grid)))
+        train_counts = _Counts(dist[train], same[train])
         test_counts = _Counts(dist[test], same[test])
+        # accuracy: the best threshold on the training folds, scored on the held-out fold
+        best = int(np.argmax(train_counts.accuracy(grid)))
         tprs[k], fprs[k] = test_counts.rates(grid, undefined=0.0)
         fold_acc[k] = test_counts.accuracy(grid[best:best + 1])[0]
         fold_thr[k] = grid[best]
-
-    # VR@FAR: threshold for the target FAR on the training folds, VR/FAR on the held-out fold
-    vgrid = VAL_THRESHOLDS
-    fold_val = np.zeros(nrof_folds)
-    fold_far = np.zeros(nrof_folds)
-    val_thr = np.zeros(nrof_folds)
-    for k, (train, test) in enumerate(folds):
-        _, far_train = _Counts(dist[train], same[train]).rates(vgrid, undefined=math.nan)
-        if np.max(far_train) >= far_target:
-            threshold = legacy_slinear(far_train, vgrid, far_target)
-        else:
-            threshold = 0.0
+        # VR@FAR: the threshold for the target FAR on the training folds, VR/FAR on the held-out fold
+        _, far_train = train_counts.rates(vgrid, undefined=math.nan)
+        threshold = legacy_slinear(far_train, vgrid, far_target) if np.max(far_train) >= far_target else 0.0
         val_thr[k] = threshold
-        tpr, fpr = _Counts(dist[test], same[test]).rates(np.array([threshold]), undefined=math.nan)
+        tpr, fpr = test_counts.rates(np.array([threshold]), undefined=math.nan)
         fold_val[k], fold_far[k] = tpr[0], fpr[0]
 
     all_counts = _Counts(dist, same)

@@ -155,11 +155,14 @@ def collect_sets(sets: List[str], all_sets: bool, data: Optional[Path], bins: Li
         if not path.is_file():
             raise InputError(path, "no such file")
         specs.append(SetSpec(path.stem, bin_path=path))
-    seen, unique = set(), []
+    unique: List[SetSpec] = []
     for spec in specs:
-        if spec.name not in seen:
-            seen.add(spec.name)
+        twin = next((u for u in unique if u.name == spec.name), None)
+        if twin is None:
             unique.append(spec)
+        elif twin != spec:
+            raise InputError(spec.bin_path or spec.data_dir, f"set name {spec.name!r} is given twice "
+                                                             "(a --bin file is named after its stem)")
     if not unique:
         raise InputError("--set", "name the sets to score with --set NAME, --all, or --bin FILE")
     return unique
@@ -237,7 +240,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                                        "arcface_torch or TreB1eN weights."),
         net: Optional[str] = typer.Option(None, "--net", help="Backbone name, when the file does not say."),
         embeddings: Optional[Path] = typer.Option(None, "--embeddings",
-                                                  help="Precomputed embeddings .npy [2N, D], rows 2k/2k+1 = pair k."),
+                                                  help="Precomputed embeddings .npy [2N, D], rows 2k/2k+1 = pair k "
+                                                       "(L2-normalised before scoring)."),
         flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda[:i] or npu[:i]."),

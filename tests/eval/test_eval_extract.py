@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -119,12 +120,16 @@ def test_labels_only_and_available_sets(pair_files):
     assert available_sets(root) == ["lfw"] and available_sets(root / "missing") == []
 
 
-def test_unknown_set_lists_available(pair_files):
+def test_unknown_set_lists_available(pair_files, tmp_path):
     root, _, _ = pair_files
     with pytest.raises(InputError, match=r"unknown verification set 'cfp_fp'; available: lfw"):
         load_pair_set("cfp_fp", data_dir=root / "val")
     with pytest.raises(InputError, match="no such directory"):
         load_pair_set("lfw", data_dir=root / "nowhere")
+    (tmp_path / "val").mkdir()
+    shutil.copy(root / "val" / "lfw.tar", tmp_path / "val" / "lfw.tar")
+    with pytest.raises(InputError, match=r"available: none .* \(the converted sets are in .*val\)"):
+        load_pair_set("lfw", data_dir=tmp_path)
     with pytest.raises(InputError, match="no such file"):
         load_pair_set("lfw", bin_path=root / "nowhere.bin")
 

@@ -178,6 +178,8 @@ BAD = [
     (["--bin", "{root}/odd.bin", "--embeddings", "{root}/emb.npy"], "3 images for 1 pairs"),
     (["--set", "broken", "--checkpoint", "{root}/ckpt.pt"], "pair lacks 000000.b.jpg"),
     (["--set", "lfw", "--checkpoint", "{root}/emb.npy"], "cannot load"),
+    (["--set", "lfw", "--bin", "{root}/again/lfw.bin", "--embeddings", "{root}/emb.npy"],
+     "set name 'lfw' is given twice"),
 ]
 
 
@@ -187,6 +189,8 @@ def test_bad_input_is_one_line_exit_2(files, capsys, monkeypatch, args, message)
     np.save(root / "flat.npy", np.zeros(80, np.float32))
     np.save(root / "odd.npy", np.zeros((79, 4), np.float32))
     (root / "odd.bin").write_bytes(pickle.dumps(([b"\xff\xd8"] * 3, [True]), protocol=2))
+    (root / "again").mkdir(exist_ok=True)
+    shutil.copy(files["bin"], root / "again" / "lfw.bin")
     bad_val = root / "badval"
     if not bad_val.exists():
         shutil.copytree(files["val"], bad_val)
