@@ -63,6 +63,70 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- building blocks
 
+class Throughput:
+    """Images/s over log windows: end to end, and the reference's way (wall time minus data wait).
+
+    Time spent verifying or checkpointing is left out of both.
+    """
+
+    def __init__(self, step: int, global_batch: int):
+        self.global_batch = global_batch
+        self.total = {"time": 0.0, "wait": 0.0, "images": 0}
+        self._start(step)
+
+    def _start(self, step: int) -> None:
+        self.t0, self.wait, self.first_step = time.perf_counter(), 0.0, step
+
+    def add_wait(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def window(self, step: int) -> dict[str, float]:
+        """Close the window ending at `step`; return its rates and start the next one."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        images = (step - self.first_step) * self.global_batch
+        out = {"images_per_s": images / elapsed, "images_per_s_step": images / max(elapsed - self.wait, 1e-9),
+               "data_wait": self.wait / elapsed}
+        self.total["time"] += elapsed
+        self.total["wait"] += self.wait
+        self.total["images"] += images
+        self._start(step)
+        return out
+
+    def overall(self) -> dict[str, float]:
+        t = max(self.total["time"], 1e-9)
+        return {"images_per_s": self.total["images"] / t,
+                "images_per_s_step": self.total["images"] / max(t - self.total["wait"], 1e-9),
+                "data_wait_fraction": self.total["wait"] / t}
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, autocast_dtype: Optional[torch.dtype],
+               params: tuple[list[nn.Parameter], list[nn.Parameter]], grad_clip: float,
+               ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Forward, backward, clip, and step unless the loss or gradient is not finite on some rank.
+
+    Returns ``(loss, grad_norm, stepped)``; loss and norm stay on the device.
+    """
+    with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(images, labels)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = clip_and_norm(params[0], params[1], grad_clip, ctx)
+    finite = torch.isfinite(loss.detach())
+    if not scaler.is_enabled():  # with fp16 the scaler itself skips steps whose gradients overflowed
+        finite = finite & torch.isfinite(grad_norm)
+    # the host must decide whether to step (GradScaler makes the same read); every rank decides alike
+    stepped = bool(all_reduce_min(finite.to(torch.float32), ctx).item() > 0)
+    if stepped:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm, stepped
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -173,7 +237,7 @@ class MetricsLog:
             self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         elif self.path.exists():
             self.path.unlink()
-        self.fh = open(self.path, "a", encoding="utf-8")
+        self.path.touch()
         self.tb = None
         if tensorboard:
             try:
@@ -184,15 +248,16 @@ class MetricsLog:
                 log.debug("tensorboard not installed; metrics go to %s only", self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(record, sort_keys=True) + "\n")
-        self.fh.flush()
+        # opened per record (once per log interval): nothing is lost if the run dies or aborts
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
         if self.tb is not None:
             for key, value in _flatten(record).items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
 
     def close(self) -> None:
-        self.fh.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -371,57 +436,44 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
         return _broadcast_float(mean_acc, ctx)
 
     # --- the loop
+    from lresnet.pipeline import DevicePrefetcher
+
     model.train()
     start_step = step
     skipped = consecutive_bad = 0
     last_loss = float("nan")
     last_verification: dict[str, dict] = {}
-    totals = {"time": 0.0, "wait": 0.0, "images": 0}
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "from": step,
-              "loss": torch.zeros((), device=ctx.device)}
-    from lresnet.pipeline import DevicePrefetcher
-
+    speed = Throughput(step, global_batch)
+    loss_sum, loss_count = torch.zeros((), device=ctx.device), 0
     while step < last_step:
         epoch = step // steps_per_epoch
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         if loader_position is not None and step % steps_per_epoch:
             loader.load_state_dict(loader_position)  # resume inside this epoch
         loader_position = None
-        prefetcher = DevicePrefetcher(loader, ctx.device, dtype=torch.float32,
-                                      channels_last=use_channels_last(cfg, ctx.device))
+        prefetcher = DevicePrefetcher(loader, ctx.device, channels_last=use_channels_last(cfg, ctx.device))
         batches = iter(prefetcher)
-        epoch_end = (epoch + 1) * steps_per_epoch
-        while step < min(epoch_end, last_step):
-            t_wait = time.perf_counter()
-            try:
-                # DataLoader draws its worker seed from the global torch RNG whenever an epoch starts;
-                # fork it so that data loading never shifts the training stream (dropout, sampling),
-                # which a resumed run (new iterator mid-epoch) must reproduce exactly
-                with torch.random.fork_rng(devices=[]):
-                    images, labels = next(batches)
-            except StopIteration:
-                raise InputError(cfg.data.shards, f"loader ended after step {step}, "
-                                 f"expected {steps_per_epoch} batches per epoch") from None
-            window["wait"] += time.perf_counter() - t_wait
+        while step < min((epoch + 1) * steps_per_epoch, last_step):
+            t0 = time.perf_counter()
+            # DataLoader draws its worker seed from the global torch RNG whenever an epoch starts; a
+            # forked RNG keeps data loading from shifting the training stream (dropout, sampling),
+            # which a resumed run (new iterator mid-epoch) must reproduce exactly
+            with torch.random.fork_rng(devices=[]):
+                images, labels = next(batches, (None, None))
+            if images is None:
+                raise InputError(cfg.data.shards, f"loader ended at step {step}, expected {steps_per_epoch} "
+                                 "batches per epoch")
+            speed.add_wait(time.perf_counter() - t0)
 
             lr = schedule(step)
             set_lr(optimizer, lr)
-            with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                loss = model(images, labels)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = clip_and_norm(replicated, sharded, cfg.optim.grad_clip, ctx)
-            finite = torch.isfinite(loss.detach())
-            if not scaler.is_enabled():  # with fp16 the scaler itself skips steps whose gradients overflowed
-                finite = finite & torch.isfinite(grad_norm)
-            ok = bool(all_reduce_min(finite.to(torch.float32), ctx).item() > 0)
-            if ok:
-                scaler.step(optimizer)
+            loss, grad_norm, stepped = train_step(model, images, labels, optimizer, scaler, autocast_dtype,
+                                                  (replicated, sharded), cfg.optim.grad_clip, ctx)
+            step += 1
+            if stepped:
                 consecutive_bad = 0
-                window["loss"] += loss.detach().float()
-                window["steps"] += 1
+                loss_sum += loss.float()
+                loss_count += 1
             else:
                 skipped += 1
                 consecutive_bad += 1
@@ -431,52 +483,33 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
                     raise TrainingAborted(
                         f"the loss or gradient was not finite for {consecutive_bad} steps in a row "
                         f"(last at step {step}, lr {lr:.3g}); lower --lr, set --grad-clip, or use --amp-dtype bf16")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
 
-            # --- log (the only .item() of the loss), verify, checkpoint
-            at_epoch_end = step % steps_per_epoch == 0
-            if step % cfg.log.every == 0 or step == last_step:
-                elapsed = time.perf_counter() - window["t0"]
-                n_steps = step - window["from"]
-                images_seen = n_steps * global_batch
-                last_loss = (window["loss"] / window["steps"]).item() if window["steps"] else float("nan")
-                record = {
-                    "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
-                    "grad_norm": float(grad_norm.item()), "images_per_s": images_seen / max(elapsed, 1e-9),
-                    "images_per_s_step": images_seen / max(elapsed - window["wait"], 1e-9),
-                    "data_wait": window["wait"] / max(elapsed, 1e-9), "skipped_steps": skipped,
-                }
+            if step % cfg.log.every == 0 or step == last_step:  # the only .item() of the loss
+                last_loss = (loss_sum / loss_count).item() if loss_count else float("nan")
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
+                          "grad_norm": float(grad_norm.item()), "skipped_steps": skipped, **speed.window(step)}
                 if scaler.is_enabled():
                     record["loss_scale"] = float(scaler.get_scale())
-                totals["time"] += elapsed
-                totals["wait"] += window["wait"]
-                totals["images"] += images_seen
+                loss_sum, loss_count = torch.zeros((), device=ctx.device), 0
                 if metrics is not None:
                     metrics.write(record)
                     if progress is not None:
                         progress({**record, "total_steps": last_step})
-                window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "from": step,
-                          "loss": torch.zeros((), device=ctx.device)}
+
+            t0 = time.perf_counter()
             metric = None
-            if has_eval and ((cfg.eval.every and step % cfg.eval.every == 0)
-                             or (cfg.eval.at_epoch_end and at_epoch_end) or step == last_step):
+            if has_eval and ((cfg.eval.every and step % cfg.eval.every == 0) or step == last_step
+                             or (cfg.eval.at_epoch_end and step % steps_per_epoch == 0)):
                 metric = run_verification()
                 best = manager.best_metric() if ctx.is_main else None
-                improved = metric == metric and (best is None or metric > best)
+                improved = metric == metric and (best is None or metric > best)  # NaN: no sets scored
                 metric = metric if _broadcast_float(1.0 if improved else 0.0, ctx) > 0 else None
-            if ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last_step
-                    or metric is not None):
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last_step or metric is not None:
                 checkpoint(metric)
+            speed.exclude(time.perf_counter() - t0)
         del batches
 
     if metrics is not None:
         metrics.close()
-    return TrainResult(
-        run_dir=str(run_dir), steps=step, start_step=start_step, skipped_steps=skipped, final_loss=last_loss,
-        images_per_s=totals["images"] / max(totals["time"], 1e-9),
-        images_per_s_step=totals["images"] / max(totals["time"] - totals["wait"], 1e-9),
-        data_wait_fraction=totals["wait"] / max(totals["time"], 1e-9),
-        verification=last_verification,
-    )
+    return TrainResult(run_dir=str(run_dir), steps=step, start_step=start_step, skipped_steps=skipped,
+                       final_loss=last_loss, verification=last_verification, **speed.overall())
