@@ -174,19 +174,22 @@ def _fmt(value: Optional[float], digits: int = 5) -> str:
 
 
 def result_table(name: str, source: str, result: Any) -> Table:
-    """A rich table of one set's numbers."""
-    table = Table(title=f"{name}  ({result.num_pairs} pairs, {source})", show_header=True,
-                  title_justify="left")
+    """A rich table of one set's numbers (the per-fold lists are in --json)."""
+    table = Table(title=f"{name}  ({result.num_pairs} pairs, {source})", title_justify="left")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", no_wrap=True)
+    thresholds = np.asarray(result.fold_thresholds)
     table.add_row(f"accuracy ({result.num_folds}-fold)", f"{_fmt(result.accuracy)} ± {_fmt(result.std)}")
     table.add_row("best threshold (all pairs)", _fmt(result.best_threshold, 2))
-    table.add_row("fold thresholds", " ".join(f"{t:.2f}" for t in result.fold_thresholds))
+    table.add_row("fold thresholds (min/median/max)",
+                  f"{thresholds.min():.2f} / {np.median(thresholds):.2f} / {thresholds.max():.2f}")
     table.add_row(f"VR@FAR={result.far_target:g}", f"{_fmt(result.val)} ± {_fmt(result.val_std)}")
     table.add_row("FAR at those thresholds", _fmt(result.far))
     table.add_row("ROC AUC", _fmt(result.auc))
     table.add_row("EER", _fmt(result.eer))
     table.add_row("XNorm", _fmt(result.xnorm, 4))
+    if any(isinstance(v, float) and math.isnan(v) for v in (result.val, result.far, result.auc, result.eer)):
+        table.caption = "-: undefined (a test fold, or the set, lacks same or different pairs)"
     return table
 
 
