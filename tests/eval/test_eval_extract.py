@@ -274,3 +274,23 @@ def test_cuda_matches_cpu():
     cpu = extract_embeddings(TinyNet(), images, batch_size=4)
     gpu = extract_embeddings(TinyNet(), images, batch_size=4, device="cuda")
     np.testing.assert_allclose(cpu.normed, gpu.normed, atol=1e-4)
+
+
+def test_cpu_never_imports_torch_npu():
+    import importlib.util
+    import sys
+
+    images = np.zeros((2, 112, 112, 3), dtype=np.uint8)
+    extract_embeddings(TinyNet(), images, device="cpu")
+    if importlib.util.find_spec("torch_npu") is None:
+        assert "torch_npu" not in sys.modules
+        with pytest.raises(InputError, match="torch_npu is not installed"):
+            extract_embeddings(TinyNet(), images, device="npu")
+
+
+@pytest.mark.npu
+def test_npu_matches_cpu():
+    images = np.random.default_rng(7).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    cpu = extract_embeddings(TinyNet(), images, batch_size=4)
+    npu = extract_embeddings(TinyNet(), images, batch_size=4, device="npu")
+    np.testing.assert_allclose(cpu.normed, npu.normed, atol=1e-3)
