@@ -104,7 +104,7 @@ def key_width(max_key: int) -> int:
 
 # --------------------------------------------------------------------------- source
 def _open_source(src_dir: PathLike) -> FacesEmore:
-    """Open faces_emore through the RecordIO reader (each worker opens its own, after the fork)."""
+    """Open faces_emore through the RecordIO reader (workers reuse it with their own descriptor)."""
     return FacesEmore(src_dir)
 
 
@@ -175,10 +175,11 @@ class RecordFetcher:
 _STATE: Dict[str, Any] = {}
 
 
-def _init_worker(src_dir: str, abort_event, progress_queue) -> None:
-    """Per-process setup: the source is opened lazily here, never inherited from the parent."""
+def _init_worker(source: FacesEmore, abort_event, progress_queue) -> None:
+    """Per-process setup. ``source`` comes from the parent (inherited by fork, pickled by
+    spawn) with its file handle closed; the fetcher opens this process's own descriptor."""
     _STATE.clear()
-    _STATE.update(src_dir=src_dir, abort=abort_event, queue=progress_queue, ppid=os.getppid(), source=None)
+    _STATE.update(source=source, abort=abort_event, queue=progress_queue, ppid=os.getppid(), fetcher=None)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
@@ -193,9 +194,9 @@ def _exit_with_parent(ppid: int) -> None:
 
 
 def _worker_source() -> RecordFetcher:
-    if _STATE.get("source") is None:
-        _STATE["source"] = RecordFetcher(_open_source(_STATE["src_dir"]))
-    return _STATE["source"]
+    if _STATE.get("fetcher") is None:
+        _STATE["fetcher"] = RecordFetcher(_STATE["source"])
+    return _STATE["fetcher"]
 
 
 class _Aborted(Exception):
@@ -386,9 +387,6 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
     except BaseException:
         source.close()
         raise
-    if workers > 1:
-        source.close()  # workers open their own; the parent needs only the plan
-        source = None
     try:
         wanted = _select_sets(sets, bins, src_dir)
         plan = shuffle_plan(keys, seed, shuffle)
@@ -415,11 +413,10 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
         state = _RunState(header=header, recorded=recorded, train_dir=train_dir, num_classes=num_classes,
                           source_mtime_ns=_rec_mtime(src_dir))
         val_mismatch = _convert_val_sets(wanted, bins, val_dir, image_size, state, progress)
-        written = _convert_train(plan, source, src_dir, state, image_size, shard_size, workers,
+        written = _convert_train(plan, source, state, image_size, shard_size, workers,
                                  skip_corrupt, progress)
     finally:
-        if source is not None:
-            source.close()
+        source.close()
 
     shards = [state.shards[mf.shard_stem(i)] for i in range(len(shard_slices(plan.size, shard_size)))]
     manifest = dict(header)
@@ -554,7 +551,7 @@ def _convert_val_sets(wanted: List[str], bins: Dict[str, Path], val_dir: Path,
     return mismatch
 
 
-def _convert_train(plan: np.ndarray, source, src_dir: Path, state: _RunState,
+def _convert_train(plan: np.ndarray, source: FacesEmore, state: _RunState,
                    image_size: Tuple[int, int], shard_size: int, workers: int, skip_corrupt: bool,
                    progress: Optional[ProgressFn]) -> int:
     """Write every shard not reusable from an earlier run; returns how many were written."""
@@ -587,8 +584,6 @@ def _convert_train(plan: np.ndarray, source, src_dir: Path, state: _RunState,
         state.save()
 
     if workers == 1 or len(jobs) <= 1:
-        if source is None:
-            source = _open_source(src_dir)
         fetcher = RecordFetcher(source)
         report = None if progress is None else (lambda n: progress("train", n, total))
         try:
@@ -597,24 +592,26 @@ def _convert_train(plan: np.ndarray, source, src_dir: Path, state: _RunState,
         finally:
             fetcher.close()
         return len(jobs)
-    _run_parallel(jobs, src_dir, workers, finished, progress, total)
+    _run_parallel(jobs, source, workers, finished, progress, total)
     return len(jobs)
 
 
-def _run_parallel(jobs: List[ShardJob], src_dir: Path, workers: int,
+def _run_parallel(jobs: List[ShardJob], source: FacesEmore, workers: int,
                   finished: Callable[[Dict[str, Any]], None], progress: Optional[ProgressFn],
                   total: int) -> None:
     """Write ``jobs`` in ``workers`` processes, at most 2 per worker in flight."""
-    # fork: workers start in milliseconds and need no importable __main__; nothing in the
-    # parent is shared with them (the source is opened per worker, after the fork).
+    # fork: workers start in milliseconds, need no importable __main__, and share the parent's
+    # record index (copy-on-write) instead of each re-reading the .idx. The reader's file
+    # handle is closed first; each worker opens its own on first read.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    source.close()
     abort = ctx.Event()
     progress_queue = ctx.Queue()
     todo = list(reversed(jobs))
     error: Optional[Tuple[Any, ...]] = None
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                 initializer=_init_worker,
-                                initargs=(str(src_dir), abort, progress_queue)) as pool:
+                                initargs=(source, abort, progress_queue)) as pool:
         running = set()
         try:
             while todo or running:
