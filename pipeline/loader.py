@@ -63,8 +63,18 @@ class _EpochStream(IterableDataset):
         roles, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         # the DataLoader asks worker 0 first; after a resume at batch k that must be role k % roles
         role = (worker + self.start_batch) % roles
-        return train_pipeline(self.shards, self.config, self.world, self.epoch, role, roles,
-                              start_batch=self.start_batch, shared=info is not None)
+        batches = train_pipeline(self.shards, self.config, self.world, self.epoch, role, roles,
+                                 start_batch=self.start_batch, shared=info is not None)
+        return batches if info is None else _carry_input_errors(batches)
+
+
+def _carry_input_errors(batches: Iterator[tuple]) -> Iterator[tuple]:
+    # The DataLoader re-raises a worker's exception as RuntimeError(traceback text) when the
+    # exception cannot be rebuilt from one string, as InputError cannot; send its parts instead.
+    try:
+        yield from batches
+    except InputError as err:
+        yield None, None, (err.path, err.message, err.where)
 
 
 @dataclass
@@ -173,6 +183,8 @@ class TrainLoader:
         if self._position >= self._len:
             self._position = 0  # an iterator started at the end of an epoch runs it again
         for images, labels, faults in self._batches(self._position):
+            if images is None:
+                raise InputError(*faults)
             if faults:
                 self._record(faults)
             if self._pin and self.config.workers == 0:

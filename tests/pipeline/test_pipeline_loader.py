@@ -144,9 +144,10 @@ def test_corrupt_jpeg_is_counted_and_skipped(damaged_shards):
     assert len(set(good)) == len(good)
 
 
-def test_corrupt_jpeg_strict_names_shard_and_key(damaged_shards):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_jpeg_strict_names_shard_and_key(damaged_shards, workers):
     data, key = damaged_shards("corrupt")
-    loader = build_train_loader(data, _config(strict=True, shuffle_buffer=0), World())
+    loader = build_train_loader(data, _config(strict=True, shuffle_buffer=0, workers=workers), World())
     for epoch in range(4):  # within a few epochs the sample is not among those left out
         loader.set_epoch(epoch)
         try:
@@ -171,10 +172,11 @@ def test_truncated_shard_is_reported_and_batches_keep_coming(damaged_shards, wor
     assert len(set(good)) == len(good)
 
 
-def test_truncated_shard_strict_raises(damaged_shards):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_strict_raises(damaged_shards, workers):
     data, _ = damaged_shards("truncated")
-    loader = build_train_loader(data, _config(strict=True), World())
-    with pytest.raises(InputError, match="train-000002.tar"):
+    loader = build_train_loader(data, _config(strict=True, workers=workers), World())
+    with pytest.raises(InputError, match="train-000002.tar: offset"):
         _labels(loader)
 
 
