@@ -79,3 +79,14 @@ def test_at_most_one_percent_left_out_at_scale():
 def test_single_shard_still_changes_what_is_dropped():
     firsts = {worker_plan([100], 8, World(0, 1), 0, e, 0, 1).segments[0].start for e in range(5)}
     assert len(firsts) > 1
+
+
+def test_world_from_env_and_validation(monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert World.from_env() == World(2, 4)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert World.from_env() == World(0, 1)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+        World(2, 2)
