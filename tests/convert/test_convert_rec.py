@@ -332,6 +332,31 @@ def test_split_records_and_multi_float_labels(tmp_path):
         assert got == want
 
 
+def test_mismatches_with_property_are_reported(src, tmp_path):
+    """No header record (every image record is used), property says 10 classes, one 96x96 image."""
+    import io
+
+    from PIL import Image
+
+    from lresnet.convert.recordio import IRHeader, RecordWriter, pack
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    odd = io.BytesIO()
+    Image.new("RGB", (96, 96), (90, 120, 150)).save(odd, "JPEG")
+    with FacesEmore(src) as fe:
+        images = [fe.read_image(k) for k in fe.image_keys]
+    with RecordWriter(plain / "train.rec", plain / "train.idx") as writer:
+        for key, (label, jpeg) in enumerate(images):
+            writer.write(key, pack(IRHeader(0, float(label), key, 0), odd.getvalue() if key == 7 else jpeg))
+    (plain / "property").write_text("10,112,112")
+    summary = convert_rec(plain, tmp_path / "out", shard_size=16)
+    assert summary.num_samples == 48 and summary.classes_with_images == 8
+    assert summary.image_size_mismatches == 1
+    assert any("says 10 classes, images found for 8" in w for w in summary.warnings)
+    assert any("says images are 112x112, 1 images differ" in w for w in summary.warnings)
+
+
 def test_plan_holds_only_keys():
     plan = shuffle_plan(range(10, 1010), seed=0)
     assert plan.dtype == np.int64 and sorted(plan.tolist()) == list(range(10, 1010))
