@@ -43,14 +43,18 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Raise ValueError unless every label is ``-1`` or a class id in ``[0, num_classes)``.
 
-    This reads one boolean back from the device (a sync); a wrong label would otherwise silently corrupt the
-    sharded loss or trip a device-side assert far from its cause.
+    A wrong label would otherwise silently corrupt the sharded loss or trip a device-side assert far from its
+    cause. On the CPU the check is immediate; on an accelerator it is an asynchronous device-side assert, so
+    the training step never waits for a read-back (it then fails at the next sync with the same message).
     """
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     bad = (labels < -1) | (labels >= num_classes)
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"label out of range: expected -1 (ignored) or a class id in [0, {num_classes})")
+        return
     if bool(bad.any()):
         first = int(labels[bad][0])
         raise ValueError(f"label {first} out of range: expected -1 (ignored) or a class id in [0, {num_classes})")
