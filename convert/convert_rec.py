@@ -15,6 +15,8 @@ renamed when complete). Finished shards are recorded in ``convert-state.json``;
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -24,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import simplejpeg
@@ -178,6 +180,8 @@ _STATE: Dict[str, Any] = {}
 def _init_worker(source: FacesEmore, abort_event, progress_queue) -> None:
     """Per-process setup. ``source`` comes from the parent (inherited by fork, pickled by
     spawn) with its file handle closed; the fetcher opens this process's own descriptor."""
+    if "fd" in _LOCK:  # forked: only the parent may hold the output folder's lock
+        os.close(_LOCK.pop("fd"))
     _STATE.clear()
     _STATE.update(source=source, abort=abort_event, queue=progress_queue, ppid=os.getppid(), fetcher=None)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -403,29 +407,22 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
             "source": fingerprint,
         }
         train_dir, val_dir = out_dir / mf.TRAIN_DIR, out_dir / mf.VAL_DIR
-        recorded = _previous_record(out_dir, train_dir, header, _rec_mtime(src_dir))
         train_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(train_dir)
-        if wanted:
-            val_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(val_dir)
-
-        state = _RunState(header=header, recorded=recorded, train_dir=train_dir, num_classes=num_classes,
-                          source_mtime_ns=_rec_mtime(src_dir))
-        val_mismatch = _convert_val_sets(wanted, bins, val_dir, image_size, state, progress)
-        written = _convert_train(plan, source, state, image_size, shard_size, workers,
-                                 skip_corrupt, progress)
+        with _exclusive(train_dir):
+            recorded = _previous_record(out_dir, train_dir, header, _rec_mtime(src_dir))
+            remove_stale_temp_files(train_dir)
+            if wanted:
+                val_dir.mkdir(parents=True, exist_ok=True)
+                remove_stale_temp_files(val_dir)
+            state = _RunState(header=header, recorded=recorded, train_dir=train_dir,
+                              num_classes=num_classes, source_mtime_ns=_rec_mtime(src_dir))
+            val_mismatch = _convert_val_sets(wanted, bins, val_dir, image_size, state, progress)
+            written = _convert_train(plan, source, state, image_size, shard_size, workers,
+                                     skip_corrupt, progress)
+            shards = [state.shards[mf.shard_stem(i)] for i in range(len(shard_slices(plan.size, shard_size)))]
+            manifest = _write_manifest(header, shards, state, train_dir)
     finally:
         source.close()
-
-    shards = [state.shards[mf.shard_stem(i)] for i in range(len(shard_slices(plan.size, shard_size)))]
-    manifest = dict(header)
-    manifest["num_samples"] = sum(s["count"] for s in shards)
-    manifest["skipped_corrupt"] = sum(s["skipped"] for s in shards)
-    manifest["shards"] = [{k: s[k] for k in ("name", "count", "bytes", "sha256")} for s in shards]
-    manifest["val"] = [{k: state.val[name][k] for k in ("set", "name", "pairs", "bytes", "sha256")}
-                       for name in sorted(state.val)]
-    mf.write_json_atomic(train_dir / mf.MANIFEST_NAME, manifest)
 
     seconds = time.perf_counter() - t0
     present = int(state.seen.sum())
@@ -451,6 +448,44 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
     for w in summary.warnings:
         log.warning("%s", w)
     return summary
+
+
+def _write_manifest(header: Dict[str, Any], shards: List[Dict[str, Any]], state: "_RunState",
+                    train_dir: Path) -> Dict[str, Any]:
+    """``manifest.json`` (atomically): the header, totals, the shards in order, the val sets."""
+    manifest = dict(header)
+    manifest["num_samples"] = sum(s["count"] for s in shards)
+    manifest["skipped_corrupt"] = sum(s["skipped"] for s in shards)
+    manifest["shards"] = [{k: s[k] for k in ("name", "count", "bytes", "sha256")} for s in shards]
+    manifest["val"] = [{k: state.val[name][k] for k in ("set", "name", "pairs", "bytes", "sha256")}
+                       for name in sorted(state.val)]
+    mf.write_json_atomic(train_dir / mf.MANIFEST_NAME, manifest)
+    return manifest
+
+
+_LOCK: Dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _exclusive(train_dir: Path) -> Iterator[None]:
+    """Hold ``train/.convert.lock`` (flock) so two conversions never write one folder.
+
+    The kernel drops the lock when the process dies (kill -9 included); forked workers close
+    their copy of the descriptor so a killed converter's lock does not outlive it.
+    """
+    fd = os.open(train_dir / ".convert.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(train_dir, "another convert-rec is writing here; wait for it to finish "
+                                    "or choose another OUT_DIR") from None
+    _LOCK["fd"] = fd
+    try:
+        yield
+    finally:
+        _LOCK.pop("fd", None)
+        os.close(fd)
 
 
 def _select_sets(sets: Optional[Iterable[str]], bins: Dict[str, Path], src_dir: Path) -> List[str]:

@@ -357,6 +357,17 @@ def test_mismatches_with_property_are_reported(src, tmp_path):
     assert any("says images are 112x112, 1 images differ" in w for w in summary.warnings)
 
 
+def test_two_conversions_never_write_one_folder(src, tmp_path):
+    import fcntl
+
+    (tmp_path / "train").mkdir()
+    with open(tmp_path / "train" / ".convert.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another convert-rec is writing here"):
+            convert_rec(src, tmp_path, shard_size=16, sets=[])
+    assert convert_rec(src, tmp_path, shard_size=16, sets=[]).num_samples == 48
+
+
 def test_plan_holds_only_keys():
     plan = shuffle_plan(range(10, 1010), seed=0)
     assert plan.dtype == np.int64 and sorted(plan.tolist()) == list(range(10, 1010))
