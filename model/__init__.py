@@ -10,7 +10,8 @@ from lresnet.model.registry import create_backbone, list_backbones, register_bac
 from lresnet.model.iresnet import IResNet, IRUnit, iresnet
 from lresnet.model.mobilefacenet import MobileFaceNet
 from lresnet.model.macs import MacProfile, count_macs, count_parameters, profile_macs
-from lresnet.model.weights import StateDictSpec, WeightInfo, describe_state_dict, detect_source, load_weights
+from lresnet.model.weights import (StateDictSpec, WeightInfo, backbone_from_weights, describe_state_dict,
+                                   detect_source, load_weights, read_state_dict)
 
 __all__ = [
     "create_backbone",
@@ -26,7 +27,9 @@ __all__ = [
     "profile_macs",
     "StateDictSpec",
     "WeightInfo",
+    "backbone_from_weights",
     "describe_state_dict",
     "detect_source",
     "load_weights",
+    "read_state_dict",
 ]

@@ -64,12 +64,29 @@ class StateDictSpec:
     embedding_size: int
     unit_style: str
 
-    def backbone_hint(self) -> str:
-        """The ``create_backbone`` call that fits, e.g. ``create_backbone('irse50', unit_style='treb1en')``."""
+    @property
+    def backbone_name(self) -> Optional[str]:
+        """The registered name of this depth (``"irse50"``), or None for a non-standard depth."""
         from lresnet.model.iresnet import UNITS
 
         depth = next((d for d, u in UNITS.items() if u == self.units), None)
-        name = f"{'irse' if self.se else 'ir'}{depth}" if depth else f"IResNet(units={self.units})"
+        return f"{'irse' if self.se else 'ir'}{depth}" if depth else None
+
+    @property
+    def channel_order(self) -> str:
+        """Input channel order the source was trained on."""
+        return _CHANNEL_ORDER[self.source]
+
+    @property
+    def l2_normalized(self) -> bool:
+        """Whether the source model L2-normalises its output."""
+        return _L2_NORMALIZED[self.source]
+
+    def backbone_hint(self) -> str:
+        """The ``create_backbone`` call that fits, e.g. ``create_backbone('irse50', unit_style='treb1en', ...)``."""
+        name = self.backbone_name
+        if name is None:
+            return f"IResNet(units={self.units}, se={self.se}, unit_style={self.unit_style!r})"
         return f"create_backbone({name!r}, unit_style={self.unit_style!r}, embedding_size={self.embedding_size})"
 
 
@@ -92,9 +109,20 @@ def detect_source(state_dict: StateDict) -> str:
 
 
 def describe_state_dict(state_dict: StateDict, source: str = "auto") -> StateDictSpec:
-    """Depth (units per stage), SE, embedding size and unit style of an IR state dict."""
+    """Depth (units per stage), SE, embedding size and unit style of an IR state dict.
+
+    Raises:
+        InputError: unknown source, or a state dict without the keys that tell its shape.
+    """
     sd = _strip_wrappers(state_dict)
     source = detect_source(sd) if source == "auto" else _check_source(source)
+    try:
+        return _describe(sd, source)
+    except KeyError as err:
+        raise InputError(None, f"incomplete {source} state dict: no {err.args[0]!r}") from None
+
+
+def _describe(sd: StateDict, source: str) -> StateDictSpec:
     if source == "treb1en":
         out_channels = [sd[f"body.{n}.res_layer.1.weight"].shape[0] for n in _indices(sd, r"body\.(\d+)\.")]
         units = _run_lengths(out_channels)
@@ -171,6 +199,44 @@ def load_weights(backbone: nn.Module, state_dict_or_path: Union[StateDict, str, 
     info = WeightInfo(source, _CHANNEL_ORDER[source], _L2_NORMALIZED[source])
     backbone.weight_info = info
     return info
+
+
+def backbone_from_weights(state_dict_or_path: Union[StateDict, str, "os.PathLike[str]"],
+                          source: str = "auto", **kwargs) -> tuple[IResNet, WeightInfo]:
+    """Build the IR backbone a state dict describes and load it.
+
+    Args:
+        state_dict_or_path: as for :func:`load_weights`.
+        source: ``"auto"`` or one of ``arcface_torch``, ``treb1en``, ``lresnet``.
+        **kwargs: further backbone options (e.g. ``dropout``).
+
+    Returns:
+        ``(backbone, WeightInfo)``; the backbone is in training mode, as built.
+    """
+    path = None
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        path = os.fspath(state_dict_or_path)
+        state_dict = _read(path)
+    else:
+        state_dict = state_dict_or_path
+    sd = _strip_wrappers(state_dict)
+    try:
+        spec = describe_state_dict(sd, source)
+    except InputError as err:
+        raise InputError(path or "state dict", err.message) from None
+    backbone = IResNet(spec.units, embedding_size=spec.embedding_size, unit_style=spec.unit_style,
+                       se=spec.se, **kwargs)
+    info = load_weights(backbone, sd, spec.source)
+    return backbone, info
+
+
+def read_state_dict(path: Union[str, "os.PathLike[str]"]) -> dict[str, torch.Tensor]:
+    """Load a state dict file (``weights_only=True``), unwrapping ``state_dict``/``model`` and ``module.``.
+
+    Raises:
+        InputError: missing or unreadable file, or no mapping of names to tensors in it.
+    """
+    return _strip_wrappers(_read(os.fspath(path)))
 
 
 def _read(path: str) -> StateDict:

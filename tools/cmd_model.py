@@ -8,6 +8,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,7 +18,8 @@ from rich.table import Table
 from torch import nn
 
 from lresnet.convert.errors import InputError
-from lresnet.model import IResNet, count_parameters, create_backbone, list_backbones, profile_macs
+from lresnet.model import (IResNet, count_parameters, create_backbone, describe_state_dict, list_backbones,
+                           profile_macs, read_state_dict)
 
 
 class DType(str, Enum):
@@ -168,6 +170,32 @@ def bench_forward_backward(name: str, batch_size: int = 8, dtype: DType = DType.
     return results
 
 
+def _weights_info(path: Path, name: Optional[str], as_json: bool) -> None:
+    if name is not None:
+        raise InputError("--weights", f"give a backbone NAME or --weights, not both (got {name!r} and {path})")
+    state_dict = read_state_dict(path)
+    try:
+        spec = describe_state_dict(state_dict)
+    except InputError as err:
+        raise InputError(path, err.message) from None
+    row = {"file": str(path), "source": spec.source, "channel_order": spec.channel_order,
+           "l2_normalized": spec.l2_normalized, "units": list(spec.units), "se": spec.se,
+           "unit_style": spec.unit_style, "embedding_size": spec.embedding_size, "load_with": spec.backbone_hint()}
+    if spec.backbone_name is not None:
+        info = describe_backbone(spec.backbone_name, unit_style=spec.unit_style, embedding_size=spec.embedding_size)
+        row.update(backbone=spec.backbone_name, parameters=info.parameters, macs=info.macs)
+    if as_json:
+        typer.echo(json.dumps(row, indent=2))
+        return
+    table = Table(title=f"weights {path.name}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in row.items():
+        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                      else str(value))
+    Console(width=120).print(table)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this area's commands to `app` and its benchmarks to `bench`."""
 
@@ -176,9 +204,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         name: Optional[str] = typer.Argument(None, help="Backbone name; omit to list all of them."),
         embedding_size: int = typer.Option(512, help="Embedding size D."),
         unit_style: Optional[UnitStyle] = typer.Option(None, help="IR unit style (default: the variant's)."),
+        weights: Optional[Path] = typer.Option(None, help="Describe this arcface_torch / TreB1eN / lresnet "
+                                                          "state dict file instead of a NAME."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Parameters, MACs (conv + linear, one 112x112 image), embedding size and unit style."""
+        if weights is not None:
+            _weights_info(weights, name, as_json)
+            return
         kwargs = {"embedding_size": embedding_size}
         if unit_style is not None:
             if name is None:

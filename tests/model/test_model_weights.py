@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lresnet.convert.errors import InputError
-from lresnet.model import create_backbone, describe_state_dict, detect_source, load_weights
+from lresnet.model import (backbone_from_weights, create_backbone, describe_state_dict, detect_source,
+                           load_weights, read_state_dict)
 
 WIDTHS = (64, 128, 256, 512)
 
@@ -250,3 +251,21 @@ def test_unrecognised_or_unreadable_input(tmp_path):
         load_weights(create_backbone("ir18"), tmp_path / "missing.pth")
     with pytest.raises(InputError, match="IR/IR-SE backbones only"):
         load_weights(create_backbone("mobilefacenet"), {"conv1.weight": torch.zeros(1)})
+
+
+def test_backbone_from_weights_builds_the_fitting_backbone(tmp_path):
+    ref = TrebNet((2, 2, 2, 2), se=False, emb=128)
+    sd = randomize(ref, seed=8)
+    path = tmp_path / "treb.pth"
+    torch.save(sd, path)
+    assert set(read_state_dict(path)) == set(sd)
+    ours, info = backbone_from_weights(path, dropout=0.1)
+    assert (ours.depth, ours.se, ours.unit_style, ours.embedding_size) == (18, False, "treb1en", 128)
+    assert info.channel_order == "BGR" and ours.head.dropout.p == 0.1
+    torch.testing.assert_close(F.normalize(embeddings(ours), dim=1), embeddings(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_incomplete_state_dict_is_reported():
+    sd = {"conv1.weight": torch.zeros(64, 3, 3, 3), "layer1.0.bn1.weight": torch.zeros(64)}
+    with pytest.raises(InputError, match="incomplete arcface_torch state dict: no 'fc.weight'"):
+        backbone_from_weights(sd)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lresnet.model import create_backbone
 from lresnet.tools.cli import app
 from lresnet.tools.cmd_model import DType, bench_forward_backward, describe_backbone
 
@@ -85,3 +86,24 @@ def test_bench_baseline_only_when_setting_is_the_baseline():
 def test_bench_rejects_bad_dtype():
     result = runner.invoke(app, ["bench", "model", "ir18", "--dtype", "fp8"])
     assert result.exit_code == 2 and "fp8" in result.output
+
+
+def test_model_info_describes_a_weights_file(tmp_path):
+    path = tmp_path / "irse18.pth"
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in create_backbone("irse18").state_dict().items()}
+    torch.save({"model": {f"module.{k}": torch.zeros(s) for k, s in shapes.items()}}, path)
+    result = runner.invoke(app, ["model-info", "--weights", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)
+    assert (row["source"], row["backbone"], row["unit_style"], row["channel_order"]) == \
+        ("lresnet", "irse18", "treb1en", "RGB")
+    assert row["parameters"] == 24_104_576
+
+
+def test_model_info_weights_errors(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "layer1.0.bn1.weight": torch.zeros(1)}, bad)
+    result = runner.invoke(app, ["model-info", "--weights", str(bad)])
+    assert result.exit_code != 0
+    assert str(result.exception).startswith(f"{bad}: incomplete arcface_torch state dict: no 'fc.weight'")
