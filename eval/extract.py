@@ -43,10 +43,14 @@ class Embeddings:
         normed: float64 ``[n, D]``, unit rows (float64 as in InsightFace, so that pair
             distances are the ones its pipeline computes).
         xnorm: mean L2 norm of the raw network outputs (see the module docstring).
+        unnormalised: float64 ``[n, D]``, the rows before normalisation (``e + e_flipped``
+            with flip, else ``e``); ``normed == normalise_rows(unnormalised)`` exactly, so
+            saving these and scoring them later reproduces every number bit for bit.
     """
 
     normed: np.ndarray = field(repr=False)
     xnorm: float
+    unnormalised: Optional[np.ndarray] = field(default=None, repr=False)
 
 
 def resolve_device(device: DeviceLike) -> torch.device:
@@ -179,7 +183,7 @@ def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch
     else:
         summed = raw
     xnorm = float(np.mean(np.concatenate([np.linalg.norm(o, axis=1) for o in outputs])))
-    return Embeddings(normed=normalise_rows(summed), xnorm=xnorm)
+    return Embeddings(normed=normalise_rows(summed), xnorm=xnorm, unnormalised=summed)
 
 
 def verify_backbone(backbone: nn.Module, pair_set: PairSet, batch_size: int = 64,

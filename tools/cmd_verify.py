@@ -254,10 +254,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         folds: int = typer.Option(10, "--folds", min=1, help="Cross-validation folds."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
         roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves to this PNG (needs matplotlib)."),
+        save_embeddings: Optional[Path] = typer.Option(
+            None, "--save-embeddings", help="Folder to write <set>.npy: the flip-summed embeddings before "
+                                            "normalisation; --embeddings on them reproduces the numbers exactly."),
     ) -> None:
         """Score a backbone (or precomputed embeddings) on verification sets, InsightFace's protocol."""
-        from lresnet.eval import (evaluate, load_embeddings, load_pair_labels, load_pair_set,
-                                  resolve_amp_dtype, resolve_device, verify_backbone)
+        from lresnet.eval import (evaluate, extract_embeddings, load_embeddings, load_pair_labels,
+                                  load_pair_set, resolve_amp_dtype, resolve_device)
         from lresnet.eval import normalise_rows
 
         sources = [p for p in (checkpoint, weights, embeddings) if p is not None]
@@ -293,9 +296,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 _check_folds(folds, pairs.num_pairs)
                 with _progress(console) as progress:
                     task = progress.add_task(f"{spec.name}: embedding", total=len(pairs.images))
-                    result = verify_backbone(loaded.backbone, pairs, batch_size=batch_size, device=dev,
-                                             flip=flip, amp_dtype=amp_dtype, bgr=use_bgr, nrof_folds=folds,
+                    emb = extract_embeddings(loaded.backbone, pairs.images, batch_size=batch_size, device=dev,
+                                             flip=flip, amp_dtype=amp_dtype, bgr=use_bgr,
                                              progress=lambda done: progress.update(task, completed=done))
+                # the same two steps as lresnet.eval.verify_backbone, keeping the embeddings
+                result = evaluate(emb.normed, pairs.issame, nrof_folds=folds).with_xnorm(emb.xnorm)
+                if save_embeddings is not None:
+                    _save_npy(save_embeddings, spec.name, emb.unnormalised)
                 results.append((spec, pairs.source, result))
 
         if roc is not None:
@@ -362,6 +369,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             table.add_row(row["variant"], str(row["images"]), f"{row['images_per_s']:.1f}",
                           f"{row['ratio_to_baseline']:.2f}")
         Console().print(table)
+
+
+def _save_npy(folder: Path, name: str, rows: np.ndarray) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{name}.npy", rows)
+    except OSError as err:
+        raise InputError(folder, f"cannot write embeddings: {err.strerror or err}") from None
 
 
 def _check_folds(folds: int, num_pairs: int) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from lresnet.convert.errors import InputError
 from lresnet.convert.pairs import write_bin
 from lresnet.eval import (available_sets, evaluate, extract_embeddings, load_embeddings,
-                          load_pair_labels, load_pair_set, verify_backbone)
+                          load_pair_labels, load_pair_set, normalise_rows, verify_backbone)
 
 
 def tiny_faces(n_pairs: int, seed: int = 0, size: int = 112):
@@ -196,6 +196,8 @@ def test_flip_tta_is_normalised_sum_with_mirror():
     got = extract_embeddings(net, images, batch_size=3, flip=True)
     np.testing.assert_allclose(got.normed, _unit(e + e_flip), atol=1e-5)
     assert got.normed.dtype == np.float64
+    np.testing.assert_array_equal(got.normed, normalise_rows(got.unnormalised))
+    np.testing.assert_allclose(got.unnormalised, e + e_flip, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(got.normed, axis=1), 1.0, atol=1e-12)
     # XNorm: mean norm of every raw output, originals and mirrors (as InsightFace)
     expected_xnorm = np.mean(np.r_[np.linalg.norm(e, axis=1), np.linalg.norm(e_flip, axis=1)])

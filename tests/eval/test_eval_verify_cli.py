@@ -144,6 +144,23 @@ def test_checkpoint_tar_and_bin_agree_with_library(files, capsys, monkeypatch, t
     assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_saved_embeddings_reproduce_the_numbers(files, capsys, monkeypatch, tmp_path):
+    saved = tmp_path / "emb"
+    code, out, err = run_cli(["verify", "--checkpoint", files["ckpt"], "--set", "lfw", "--data", files["val"],
+                              "--batch-size", "24", "--folds", "3", "--json", "--save-embeddings", saved],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    from_model = json.loads(out)["sets"][0]
+    assert np.load(saved / "lfw.npy").shape == (24, 16)
+    code, out, err = run_cli(["verify", "--embeddings", saved / "lfw.npy", "--set", "lfw", "--data", files["val"],
+                              "--folds", "3", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    from_file = json.loads(out)["sets"][0]
+    for key in RESULT_KEYS:
+        if key not in ("xnorm", "source"):  # xnorm: of the raw outputs vs of the saved rows
+            assert from_model[key] == from_file[key], key
+
+
 def test_weights_need_a_net_or_known_keys(files, capsys, monkeypatch, tmp_path):
     sd_path = tmp_path / "sd.pt"
     torch.save(files["net"].state_dict(), sd_path)
