@@ -4,8 +4,7 @@ Follows InsightFace's ``verification.test``:
 
 - input: uint8 RGB ``[n, H, W, 3]`` -> float ``(x - 127.5) / 127.5``, NCHW (channels_last
   memory), on the device, by the training pipeline's own :func:`lresnet.pipeline.normalize_batch`;
-  ``bgr=True`` swaps the channels for weights trained on BGR
-  input (the TreB1eN family);
+  ``bgr=True`` swaps the channels for weights trained on BGR input (the TreB1eN family);
 - flip TTA: the embedding of an image is ``normalise(e + e_flipped)`` where ``e_flipped``
   is the backbone's output for the horizontally mirrored image; without flip it is
   ``normalise(e)``; the sum and the normalisation are done in float64 like InsightFace
