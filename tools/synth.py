@@ -302,8 +302,7 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
     if header_at not in ("start", "end"):
         raise ValueError(f"header_at must be 'start' or 'end', got {header_at!r}")
     sets = list(sets)
-    unknown_pool = eval_identities if eval_identities is not None else max(10, pairs // 4)
-    pool = max(2, int(unknown_pool))
+    pool = max(2, min(100_000, int(eval_identities if eval_identities is not None else max(10, pairs // 4))))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     renderer = FaceRenderer(seed, difficulty)
@@ -340,10 +339,11 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
     os.replace(tmp_idx, out / "train.idx")
 
     set_files = {}
-    for s_index, name in enumerate(sets):
+    for name in sets:
         rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 202, zlib.crc32(name.encode())]))
         people, issame = _pair_plan(pairs, pool, rng)
-        ids = [EVAL_ID_BASE + s_index * 1_000_000 + p for p in people]
+        # a set's identities depend on its name only, so lfw.bin is the same whatever else is written
+        ids = [EVAL_ID_BASE + (zlib.crc32(name.encode()) % 997) * 100_000 + p for p in people]
         order = np.argsort(ids, kind="stable")  # render identity by identity (template reuse)
         jpegs: List[bytes] = [b""] * len(ids)
         for start in range(0, len(ids), _BATCH):

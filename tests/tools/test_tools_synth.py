@@ -60,6 +60,9 @@ def test_deterministic_for_seed(tmp_path):
     for name in ("train.rec", "train.idx", "lfw.bin", "cfp_fp.bin", "property"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "train.rec").read_bytes() != (tmp_path / "c" / "train.rec").read_bytes()
+    synthesize(tmp_path / "d", seed=5, sets=("cfp_fp",), **SMALL)
+    assert (tmp_path / "d" / "cfp_fp.bin").read_bytes() == (tmp_path / "a" / "cfp_fp.bin").read_bytes()
+    assert (tmp_path / "a" / "lfw.bin").read_bytes() != (tmp_path / "a" / "cfp_fp.bin").read_bytes()
 
 
 def test_identities_are_stable_and_distinct():
