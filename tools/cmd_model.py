@@ -1,4 +1,8 @@
-"""CLI: lresnet model-info, bench model."""
+"""CLI: lresnet model-info, bench model.
+
+torch and lresnet.model are imported inside the commands, so that the other
+commands of the CLI start without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,17 @@ import time
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from lresnet.convert.errors import InputError
-from lresnet.model import (IResNet, count_parameters, create_backbone, describe_state_dict, list_backbones,
-                           profile_macs, read_state_dict)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class DType(str, Enum):
@@ -50,6 +54,10 @@ class ModelInfo:
 
 def describe_backbone(name: str, input_size: int = 112, **kwargs) -> ModelInfo:
     """Build ``name`` on the meta device (no weights allocated) and count parameters and MACs."""
+    import torch
+
+    from lresnet.model import count_parameters, create_backbone, profile_macs
+
     try:
         with torch.device("meta"):
             model = create_backbone(name, input_size=input_size, **kwargs)
@@ -77,6 +85,8 @@ _UNIT_STYLES = {
 
 
 def _output_block(model: nn.Module) -> str:
+    from lresnet.model import IResNet
+
     fc = getattr(getattr(model, "head", model), "fc", None)
     if isinstance(model, IResNet) and fc is not None:
         return f"E: BN2d-Dropout-Flatten-Linear({fc.in_features}->{fc.out_features})-BN1d"
@@ -115,12 +125,16 @@ class BenchResult:
 
 
 def _synchronize(device: torch.device) -> None:
+    import torch
+
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
         backend.synchronize()
 
 
 def _resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "npu":
         import torch_npu  # noqa: F401  (registers the device; imported only when asked for)
     device = torch.device(name)
@@ -130,6 +144,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _train_step(model: nn.Module, images: torch.Tensor, dtype: DType) -> None:
+    import torch
+
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=dtype is DType.bf16):
         out = model(images)
     out.float().pow(2).mean().backward()
@@ -144,6 +160,10 @@ def bench_forward_backward(name: str, batch_size: int = 8, dtype: DType = DType.
 
     Returns the baseline first; a single result when the chosen setting is the baseline.
     """
+    import torch
+
+    from lresnet.model import create_backbone
+
     dev = _resolve_device(device)
     torch.manual_seed(seed)
     base_model = create_backbone(name).to(dev).train()
@@ -171,6 +191,8 @@ def bench_forward_backward(name: str, batch_size: int = 8, dtype: DType = DType.
 
 
 def _weights_info(path: Path, name: Optional[str], as_json: bool) -> None:
+    from lresnet.model import describe_state_dict, read_state_dict
+
     if name is not None:
         raise InputError("--weights", f"give a backbone NAME or --weights, not both (got {name!r} and {path})")
     state_dict = read_state_dict(path)
@@ -209,6 +231,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Parameters, MACs (conv + linear, one 112x112 image), embedding size and unit style."""
+        from lresnet.model import list_backbones
+
         if weights is not None:
             _weights_info(weights, name, as_json)
             return
@@ -249,6 +273,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Forward+backward images/s of a backbone: the chosen setting against fp32 contiguous NCHW."""
+        import torch
+
         previous_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
