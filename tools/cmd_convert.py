@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -159,14 +159,18 @@ _RSS_CHILD = """
 import json, os, resource, sys, time
 from lresnet.convert import convert_rec
 src, out, workers, shard_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-t = time.perf_counter()
+def cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+c, t = cpu(), time.perf_counter()
 s = convert_rec(src, out, shard_size=shard_size, workers=workers, sets=[])
-dt = time.perf_counter() - t
+dt, cpu_s = time.perf_counter() - t, cpu() - c
 hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if os.path.exists("/proc/self/status"):
     with open("/proc/self/status") as f:
         hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), hwm)
-print(json.dumps({"seconds": dt, "images": s.num_samples, "bytes": s.bytes, "rss_main_kb": hwm,
+print(json.dumps({"seconds": dt, "cpu_seconds": cpu_s, "images": s.num_samples, "bytes": s.bytes,
+                  "rss_main_kb": hwm,
                   "rss_workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
@@ -188,12 +192,13 @@ def _ensure_synth(data_dir: Path, images: int, seed: int) -> Path:
     return data_dir
 
 
-def _timed_copy(src: Path, dst: Path) -> float:
-    t = time.perf_counter()
+def _timed_copy(src: Path, dst: Path) -> Tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``shutil.copyfile``; the copy is deleted after."""
+    c, t = time.process_time(), time.perf_counter()
     shutil.copyfile(src, dst)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - c
     dst.unlink()
-    return dt
+    return dt, cpu
 
 
 def _convert_in_child(src: Path, out: Path, workers: int, shard_size: int) -> Dict:
@@ -243,16 +248,22 @@ def bench_convert_command(
         copy_s.append(_timed_copy(rec, work / "copy.rec"))
         console.print("converting (small set) ...")
         conv_small = _convert_in_child(small, work / "out-small", workers, shard_size)
-        copy_mb_s = rec_bytes / min(copy_s) / 1e6
+        copy_wall, copy_cpu = min(copy_s)
+        copy_mb_s = rec_bytes / copy_wall / 1e6
         conv_mb_s = rec_bytes / conv_big["seconds"] / 1e6
         result = {
             "images": conv_big["images"], "workers": workers, "shard_size": shard_size,
             "rec_mb": rec_bytes / 1e6,
-            "copy_seconds": min(copy_s), "copy_mb_s": copy_mb_s,
+            "copy_seconds": copy_wall, "copy_cpu_seconds": copy_cpu, "copy_mb_s": copy_mb_s,
             "convert_seconds": conv_big["seconds"],
             "convert_images_s": conv_big["images"] / conv_big["seconds"],
             "convert_mb_s": conv_mb_s,
             "ratio_to_copy": conv_mb_s / copy_mb_s,
+            # on a shared machine wall time depends on the neighbours; CPU time much less so
+            "convert_cpu_seconds": conv_big["cpu_seconds"],
+            "convert_cpu_us_per_image": conv_big["cpu_seconds"] / max(1, conv_big["images"]) * 1e6,
+            "ratio_to_copy_cpu_normalized": (copy_cpu * workers / conv_big["cpu_seconds"]
+                                             if conv_big["cpu_seconds"] > 0 and copy_cpu > 0 else None),
             "rss": {
                 str(conv_small["images"]): {"main_mb": conv_small["rss_main_kb"] / 1024,
                                             "worker_mb": conv_small["rss_workers_kb"] / 1024},
@@ -273,6 +284,10 @@ def bench_convert_command(
     table.add_row("convert-rec", f"{result['convert_images_s']:,.0f} img/s, {result['convert_mb_s']:,.0f} MB/s "
                   f"({result['convert_seconds']:.2f} s)")
     table.add_row("ratio to copy", f"{result['ratio_to_copy']:.2f}x (target >= 0.5x)")
+    table.add_row("CPU per image (main + workers)", f"{result['convert_cpu_us_per_image']:.1f} µs")
+    if result["ratio_to_copy_cpu_normalized"] is not None:
+        table.add_row("ratio, CPU-normalized (a core per process)",
+                      f"{result['ratio_to_copy_cpu_normalized']:.2f}x")
     for n, rss in result["rss"].items():
         table.add_row(f"peak RSS at {int(n):,} images", f"main {rss['main_mb']:.0f} MB, "
                       f"largest worker {rss['worker_mb']:.0f} MB")

@@ -234,6 +234,7 @@ def test_bench_convert_runs_and_reports(tmp_path, capsys, monkeypatch):
     assert code == 0
     r = json.loads(stdout)
     assert r["images"] == 40 and r["copy_mb_s"] > 0 and r["convert_mb_s"] > 0 and r["ratio_to_copy"] > 0
+    assert r["convert_cpu_us_per_image"] > 0
     assert set(r["rss"]) == {"10", "40"}
     assert all(v["main_mb"] > 0 and v["worker_mb"] > 0 for v in r["rss"].values())
     assert not (tmp_path / "work" / "copy.rec").exists()
