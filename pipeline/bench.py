@@ -10,7 +10,6 @@ All rates are images/s per worker process, measured in one run over the same syn
 from __future__ import annotations
 
 import io
-import logging
 import random
 import resource
 import time
@@ -27,9 +26,6 @@ from lresnet.pipeline.loader import build_train_loader
 from lresnet.pipeline.shards import resolve_source
 from lresnet.pipeline.stages import open_shard
 from lresnet.pipeline.tario import read_samples
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class BenchResult:

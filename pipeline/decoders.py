@@ -7,13 +7,11 @@ workers can receive it; anything that holds a native handle creates it lazily in
 from __future__ import annotations
 
 import io
-import logging
 from typing import Callable
 
 import numpy as np
 import simplejpeg
 
-logger = logging.getLogger(__name__)
 
 Decoder = Callable[[bytes], np.ndarray]
 DECODERS = ("simplejpeg", "turbojpeg", "pillow")

@@ -10,7 +10,6 @@ report them. Stages are composed in lresnet.pipeline.loader.train_pipeline.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import random
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from lresnet.pipeline.augment import Augmentation
 from lresnet.pipeline.plan import Segment
 from lresnet.pipeline.tario import TarReadError, read_samples
 
-logger = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
 
