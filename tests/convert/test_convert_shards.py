@@ -184,3 +184,19 @@ def test_add_pair_writes_the_same_bytes_as_two_adds(tmp_path):
         b.add(f"{k:09d}.cls", str(k).encode())
     assert a.close().sha256 == b.close().sha256
     assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_dali_index_matches_gnu_tar_block_numbers(tmp_path):
+    """What wds2idx derives from `tar --list --block-num` and `tar -tv` (header block + 1 = data)."""
+    path = _write(tmp_path)
+    blocks = subprocess.run(["tar", "--list", "--block-num", "-f", str(path)], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    sizes = subprocess.run(["tar", "-tvf", str(path)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    members = []
+    for block_line, size_line in zip(blocks, sizes):
+        block, name = block_line.split(": ", 1)
+        members.append((name, (int(block.split()[1]) + 1) * 512, int(size_line.split()[2])))
+    flat = [c for sample in read_dali_index(tmp_path / "s.idx") for c in sample]
+    assert [(c[3], c[1], c[2]) for c in flat] == members
