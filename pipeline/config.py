@@ -23,7 +23,8 @@ class PipelineConfig:
         augment: extra augmentations, any of "crop", "color", "blur", "gray" (off by default).
         strict: raise InputError on a corrupt sample or shard instead of counting and skipping it.
         pin_memory: pin batches for fast host-to-device copies; None = when CUDA is available.
-        prefetch_factor: batches each worker prepares ahead.
+        prefetch_factor: batches each worker prepares ahead (each worker holds prefetch_factor + 2 batch
+            buffers in shared memory: mind a small /dev/shm in containers).
         image_size: (height, width) expected; None = from the manifest (112 x 112 otherwise).
         num_classes: class count when the source has no manifest; None = from the manifest or a scan.
     """
@@ -37,7 +38,7 @@ class PipelineConfig:
     augment: tuple[str, ...] = ()
     strict: bool = False
     pin_memory: Optional[bool] = None
-    prefetch_factor: int = 4
+    prefetch_factor: int = 2
     image_size: Optional[tuple[int, int]] = None
     num_classes: Optional[int] = None
 

@@ -41,6 +41,16 @@ def test_ranks_are_disjoint_equal_and_nearly_complete(synth_shards, workers):
     assert set(seen) <= set(range(SAMPLES))
 
 
+def test_batches_held_by_the_caller_stay_intact(synth_shards):
+    # workers write into a small ring of shared buffers; what the caller keeps must not change
+    loader = build_train_loader(synth_shards, _config(workers=2, prefetch_factor=1), World())
+    held = list(loader)
+    labels = [lab for _, batch_labels in held for lab in batch_labels.tolist()]
+    assert len(held) == len(loader) > 2 * (1 + 2)
+    assert len(set(labels)) == len(labels)
+    assert len({images.data_ptr() for images, _ in held}) == len(held)
+
+
 def test_worker_count_does_not_change_what_a_rank_reads(synth_shards):
     world = World(1, 3)
     in_process = build_train_loader(synth_shards, _config(workers=0), world)
