@@ -368,6 +368,16 @@ def test_two_conversions_never_write_one_folder(src, tmp_path):
     assert convert_rec(src, tmp_path, shard_size=16, sets=[]).num_samples == 48
 
 
+def test_without_idx_the_shards_are_the_same(converted, src, tmp_path):
+    """No train.idx: the reader indexes train.rec by a scan; keys are record ordinals (as written)."""
+    no_idx = tmp_path / "no_idx"
+    shutil.copytree(src, no_idx)
+    (no_idx / "train.idx").unlink()
+    convert_rec(no_idx, tmp_path / "out", shard_size=10, seed=3, sets=[])
+    want = [s["sha256"] for s in read_manifest(converted[0])["shards"]]
+    assert [s["sha256"] for s in read_manifest(tmp_path / "out")["shards"]] == want
+
+
 def test_plan_holds_only_keys():
     plan = shuffle_plan(range(10, 1010), seed=0)
     assert plan.dtype == np.int64 and sorted(plan.tolist()) == list(range(10, 1010))
