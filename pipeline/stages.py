@@ -80,8 +80,14 @@ def read_shards(segments: Iterable[Segment], urls: Sequence[str], faults: list, 
             faults.append(Fault("truncated", url, err.key, f"{err.message} at {err.where}; "
                                 f"{wanted - got} planned samples missing"))
             continue
+        except OSError as err:  # a read error on a local file
+            raise InputError(url, f"cannot read shard: {err}") from err
         finally:
-            stream.close()
+            try:
+                stream.close()
+            except OSError as err:  # a `pipe:` command that failed (webdataset checks its exit status)
+                if got < wanted:
+                    raise InputError(url, f"shard stream failed: {err}") from err
         if got < wanted:
             message = f"holds {seg.start + got} samples, the manifest says at least {seg.stop}"
             if strict:

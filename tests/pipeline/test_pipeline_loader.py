@@ -135,6 +135,14 @@ def test_list_without_manifest_is_counted(tmp_path, synth_shards):
     assert loader.num_samples == 74 and len(loader) == 9
 
 
+def test_failing_pipe_command_is_an_input_error(synth_shards):
+    train = synth_shards / "train"
+    urls = [f"pipe:cat /nonexistent/train-00000{i}.tar" for i in range(7)]
+    loader = build_train_loader(urls, _config(), World(), manifest=train / "manifest.json")
+    with pytest.raises(InputError, match="pipe:cat /nonexistent/train-"):
+        _labels(loader)
+
+
 def test_remote_shards_need_a_manifest():
     with pytest.raises(InputError, match="manifest"):
         build_train_loader(["pipe:cat /nonexistent/a.tar"], _config(), World())
