@@ -190,9 +190,11 @@ def augment(samples: Iterable[Sample], augmentations: Sequence[Augmentation]) ->
 
 def _new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # straight in shared memory, as torch's collate does in workers: sending it then copies nothing
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what torch's own collate uses
+    if new_shared is None:
+        return torch.empty(shape, dtype=dtype).share_memory_()
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(new_shared(nbytes)).view(shape)
 
 
 def batch(samples: Iterable[Sample], batch_size: int, num_batches: int, image_size: tuple[int, int],
