@@ -72,3 +72,18 @@ def damaged_shards(tmp_path, synth_shards):
         return dst, key
 
     return make
+
+
+UNEVEN = [53, 17, 41, 30, 44, 29, 26]  # 240 samples in 7 shards of different sizes
+
+
+@pytest.fixture(scope="session")
+def uneven_shards(synth_shards, tmp_path_factory) -> list[str]:
+    """The same 240 converted samples re-packed (with tarfile) into 7 shards of different sizes, no manifest."""
+    members = [m for shard in sorted((synth_shards / "train").glob("train-*.tar")) for m in read_members(shard)]
+    root = tmp_path_factory.mktemp("uneven")
+    paths, start = [], 0
+    for i, count in enumerate(UNEVEN):
+        paths.append(str(write_tar(root / f"part-{i}.tar", members[2 * start:2 * (start + count)])))
+        start += count
+    return paths

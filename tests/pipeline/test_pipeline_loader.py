@@ -51,6 +51,18 @@ def test_batches_held_by_the_caller_stay_intact(synth_shards):
     assert len({images.data_ptr() for images, _ in held}) == len(held)
 
 
+def test_three_ranks_seven_uneven_shards_end_to_end(uneven_shards):
+    seen, lengths = [], set()
+    for rank in range(3):
+        loader = build_train_loader(uneven_shards, _config(workers=2 if rank == 1 else 0), World(rank, 3))
+        assert loader.num_samples == SAMPLES and loader.num_classes == SAMPLES  # counted from the tar headers
+        labels = _labels(loader)
+        lengths.add((len(loader), len(labels)))
+        seen += labels
+    assert lengths == {(10, 80)}
+    assert len(set(seen)) == len(seen) == 240  # 240 // 3 = 80 = 10 batches of 8: nothing left out
+
+
 def test_worker_count_does_not_change_what_a_rank_reads(synth_shards):
     world = World(1, 3)
     in_process = build_train_loader(synth_shards, _config(workers=0), world)
