@@ -110,6 +110,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer"),
         decoder: Optional[str] = typer.Option(None, "--decoder", help="simplejpeg | turbojpeg | pillow."),
         flip: Optional[bool] = typer.Option(None, "--flip/--no-flip"),
+        augment: Optional[str] = typer.Option(None, "--augment", help="Extra augmentations, comma-separated: "
+                                              "crop,color,blur,gray (default none)."),
         strict: Optional[bool] = typer.Option(None, "--strict/--no-strict",
                                               help="Fail on a corrupt sample instead of skipping it."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (0.1)."),
@@ -169,7 +171,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "head": {"name": head, "s": margin_s, "m": margin_m, "m1": m1, "m2": m2, "m3": m3,
                      "partial_fc": partial_fc, "sample_rate": sample_rate},
             "data": {"shards": shards, "batch_size": batch_size, "workers": workers,
-                     "shuffle_buffer": shuffle_buffer, "decoder": decoder, "flip": flip, "strict": strict},
+                     "shuffle_buffer": shuffle_buffer, "decoder": decoder, "flip": flip, "augment": augment,
+                     "strict": strict},
             "optim": {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                       "decay_norm_and_bias": decay_norm, "scale_lr": scale_lr, "base_batch": base_batch,
                       "grad_clip": grad_clip},

@@ -29,6 +29,7 @@ AMP_DTYPES = ("bf16", "fp16")
 DEVICES = ("cpu", "cuda", "npu")
 BACKENDS = ("auto", "gloo", "nccl", "hccl")
 DECODERS = ("simplejpeg", "turbojpeg", "pillow")
+AUGMENTATIONS = ("crop", "color", "blur", "gray")
 NET_MODES = {"ir": "ir", "ir_se": "irse", "irse": "irse"}
 
 
@@ -67,6 +68,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     decoder: str = "simplejpeg"
     flip: bool = True
+    augment: tuple[str, ...] = ()  # extra augmentations: crop, color, blur, gray (off by default)
     strict: bool = False
     synthetic_classes: int = 1000  # only for shards = "synthetic"
 
@@ -372,6 +374,8 @@ def validate(cfg: TrainConfig) -> None:
     _check("data.workers", cfg.data.workers >= 0, cfg.data.workers, ">= 0")
     _check("data.shuffle_buffer", cfg.data.shuffle_buffer >= 0, cfg.data.shuffle_buffer, ">= 0")
     _choice("data.decoder", cfg.data.decoder, DECODERS)
+    for name in cfg.data.augment:
+        _choice("data.augment", name, AUGMENTATIONS)
     _check("data.synthetic_classes", cfg.data.synthetic_classes > 1, cfg.data.synthetic_classes, "> 1")
 
     o = cfg.optim

@@ -144,7 +144,8 @@ def build_loader(cfg: TrainConfig, ctx: DistContext):
         return SyntheticSource(batch_size=d.batch_size, num_classes=d.synthetic_classes, steps=steps,
                                seed=cfg.seed + ctx.world.rank)
     pcfg = PipelineConfig(batch_size=d.batch_size, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
-                          seed=cfg.seed, decoder=d.decoder, flip=d.flip, strict=d.strict)
+                          seed=cfg.seed, decoder=d.decoder, flip=d.flip, augment=d.augment,
+                          strict=d.strict)
     return build_train_loader(d.shards, pcfg, ctx.world)
 
 
