@@ -310,6 +310,18 @@ def params_digest(backbone: nn.Module, head: nn.Module, head_sharded: bool) -> s
     return digest.hexdigest()
 
 
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every config value that differs between a checkpoint and this run."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def _broadcast_float(value: float, ctx: DistContext) -> float:
     if not ctx.distributed:
         return value
@@ -379,9 +391,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
     # --- start or resume
     step = cfg.schedule.start_epoch * steps_per_epoch
     loader_position = None
+    if not cfg.checkpoint.resume and manager.latest() is not None:
+        raise InputError(run_dir, "holds checkpoints of an earlier run; resume it (drop --no-resume) "
+                         "or choose another --out")
     ckpt_path = manager.latest() if cfg.checkpoint.resume else None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        changed = config_changes(ckpt["config"], to_dict(cfg))
+        if changed:
+            log.warning("resuming with a changed config: %s", "; ".join(changed))
         backbone.load_state_dict(ckpt["backbone"])
         load_head_state(head, ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])

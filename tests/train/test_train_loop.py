@@ -122,3 +122,20 @@ def test_fp16_path_uses_the_grad_scaler(tiny_config, tmp_path):
     assert ckpt["scaler"]["scale"] > 0
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_scale" in record
+
+
+def test_no_resume_refuses_to_overwrite_an_earlier_run(tiny_config):
+    from lresnet.convert.errors import InputError
+
+    train(tiny_config(schedule={"max_steps": 2}))
+    with pytest.raises(InputError, match="holds checkpoints of an earlier run"):
+        train(tiny_config(schedule={"max_steps": 2}, checkpoint={"resume": False}))
+
+
+def test_resume_continues_a_finished_run_to_more_steps(tiny_config, caplog):
+    first = train(tiny_config(schedule={"max_steps": 4}))
+    assert first.steps == 4
+    with caplog.at_level("WARNING"):
+        again = train(tiny_config(schedule={"max_steps": 6}))
+    assert (again.start_step, again.steps) == (4, 6)
+    assert "schedule.max_steps: 4 -> 6" in caplog.text
