@@ -35,6 +35,9 @@ TEMPLATE = 128  # template canvas; the 112 view sits in its middle at scale 1
 EVAL_ID_BASE = 10_000_000  # identities of the pair sets live far from the training ones
 SETS = ("lfw", "agedb_30", "cfp_fp")
 _BATCH = 64
+# Largest per-image nuisance at difficulty 1 (each drawn uniformly in +-value, or 0..value).
+JITTER = {"rotate": 0.1, "scale": 0.05, "squeeze": 0.06, "shift": 3.0,  # radians, fractions, pixels
+          "noise": 8.0, "texture": 20.0}  # sigma / amplitude in 0..255 units
 _CH = 8  # template channels: constant, head, eyes+dark details, brows, mouth, hair off/on head, shading
 
 
@@ -178,10 +181,11 @@ class FaceRenderer:
 
         # Inverse similarity map (+ horizontal squeeze for fake yaw, mirror): image -> template.
         r = rng.random((n, 8), dtype=np.float32)
-        theta = (r[:, 0] - 0.5) * 0.5 * d
-        scale = 1.0 + (r[:, 1] - 0.5) * 0.2 * d
-        squeeze = 1.0 + (r[:, 2] - 0.5) * 0.3 * d
-        tx, ty = (r[:, 3] - 0.5) * 10 * d, (r[:, 4] - 0.5) * 10 * d
+        theta = (r[:, 0] - 0.5) * (2 * JITTER["rotate"] * d)
+        scale = 1.0 + (r[:, 1] - 0.5) * (2 * JITTER["scale"] * d)
+        squeeze = 1.0 + (r[:, 2] - 0.5) * (2 * JITTER["squeeze"] * d)
+        tx = (r[:, 3] - 0.5) * (2 * JITTER["shift"] * d)
+        ty = (r[:, 4] - 0.5) * (2 * JITTER["shift"] * d)
         mirror = np.where(r[:, 5] < 0.5, -1.0, 1.0).astype(np.float32)
         c, s = np.cos(theta) / scale, np.sin(theta) / scale
         a11, a12 = c / squeeze * mirror, s / squeeze * mirror
@@ -221,7 +225,8 @@ class FaceRenderer:
         shade = gain[col3] + (g[:, 1][col3] * u + g[:, 2][col3] * v) * (0.012 * d)
         img *= shade[:, None]
         offs = rng.integers(0, 256 - IMAGE_SIZE, size=(n, 4))
-        amp = rng.random((n, 2), dtype=np.float32) * np.array([10, 30], np.float32) * d
+        amp = rng.random((n, 2), dtype=np.float32) * np.array([JITTER["noise"], JITTER["texture"]],
+                                                              np.float32) * d
         for k in range(n):
             oy, ox, py, px = offs[k]
             img[k] += amp[k, 0] * self._noise[:, oy:oy + IMAGE_SIZE, ox:ox + IMAGE_SIZE]
