@@ -120,10 +120,11 @@ def render_templates(ids: Sequence[int], seed: int) -> np.ndarray:
     shade = (0.5 + 0.5 * np.clip(X / p["rx"], -1, 1)) * head
 
     dark = np.maximum(eyes * free, details * head)
-    chans = [np.ones_like(head), head, dark, brows * free, mouth * head, hair_off, hair_on, shade]
-    out = np.empty((n, TEMPLATE, TEMPLATE, _CH), dtype=np.uint8)
-    for c, m in enumerate(chans):
-        out[..., c] = np.broadcast_to(np.clip(m, 0, 1) * 255 + 0.5, (n, TEMPLATE, TEMPLATE))
+    chans = [head, dark, brows * free, mouth * head, hair_off, hair_on, shade]
+    shape = (n, TEMPLATE, TEMPLATE)
+    planes = [np.full(shape, 255, dtype=np.uint8)]
+    planes += [np.broadcast_to(np.clip(m, 0, 1) * 255 + 0.5, shape).astype(np.uint8) for m in chans]
+    out = np.stack(planes, axis=-1)
     return out
 
 
@@ -153,12 +154,16 @@ class FaceRenderer:
         self._u = g[None, None, :]
         self._v = g[None, :, None]
 
-    def templates(self, ids: Sequence[int]) -> np.ndarray:
-        """``uint8 [len(ids), 128, 128, 8]`` templates (from the cache where possible)."""
+    def warm(self, ids: Sequence[int]) -> None:
+        """Build the missing templates of ``ids`` in one vectorised call (cheaper than a few at a time)."""
         missing = [i for i in dict.fromkeys(int(x) for x in ids) if i not in self._cache]
         if missing:
             for i, t in zip(missing, render_templates(missing, self.seed)):
                 self._cache[i] = t
+
+    def templates(self, ids: Sequence[int]) -> np.ndarray:
+        """``uint8 [len(ids), 128, 128, 8]`` templates (from the cache where possible)."""
+        self.warm(ids)
         out = np.empty((len(ids), TEMPLATE, TEMPLATE, _CH), dtype=np.uint8)
         for j, i in enumerate(ids):
             out[j] = self._cache[int(i)]
@@ -216,7 +221,8 @@ class FaceRenderer:
         lips = skin * np.array([0.85, 0.55, 0.55], np.float32) + (col[:, 6] - 0.5) * 50
         light = (col[:, 7, :1] - 0.5) * 160 * min(d, 1.5)
         weights = np.stack([bg, skin - bg, dark - skin, brow - skin, lips - skin,
-                            hair - bg, hair - skin, np.broadcast_to(light, (n, 3))], axis=2) / 255.0
+                            hair - bg, hair - skin, np.broadcast_to(light, (n, 3))], axis=2)
+        weights = (weights / 255.0).astype(np.float32)  # float64 here would double the matmul
         img = np.matmul(weights, masks.transpose(0, 2, 1)).reshape(n, 3, IMAGE_SIZE, IMAGE_SIZE)
 
         # Lighting gradient, then sensor noise and a smooth colour texture (random crops of banks).
@@ -258,7 +264,19 @@ def render_faces(identity_ids: Sequence[int], rng: np.random.Generator, seed: in
     return np.concatenate(out)
 
 
-def encode_jpegs(images: np.ndarray, quality: int = 90) -> List[bytes]:
+def _views(renderer: FaceRenderer, ids: Sequence[int], rng: np.random.Generator
+           ) -> Iterable[Tuple[int, np.ndarray]]:
+    """``(start, images)`` for consecutive batches of ``ids`` (grouped by identity); templates
+    are built for the next batch's worth of identities at once."""
+    ids = [int(i) for i in ids]
+    for start in range(0, len(ids), _BATCH):
+        batch = ids[start:start + _BATCH]
+        if any(i not in renderer._cache for i in batch):
+            renderer.warm(list(dict.fromkeys(ids[start:start + _BATCH * _BATCH]))[:_BATCH])
+        yield start, renderer.render(batch, rng)
+
+
+def encode_jpegs(images: np.ndarray, quality: int = 95) -> List[bytes]:
     """JPEG-encode ``uint8 [B, H, W, 3]`` RGB images (4:2:0, like the released data)."""
     return [simplejpeg.encode_jpeg(np.ascontiguousarray(im), quality=quality, colorspace="RGB",
                                    colorsubsampling="420") for im in images]
@@ -280,7 +298,7 @@ def _pair_plan(pairs: int, pool: int, rng: np.random.Generator) -> Tuple[List[in
 def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10, pairs: int = 600,
                seed: int = 0, sets: Iterable[str] = SETS, difficulty: float = 1.0,
                eval_identities: Optional[int] = None, label_format: str = "float",
-               header_at: str = "start", quality: int = 90,
+               header_at: str = "start", quality: int = 95,
                progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
     """Write a synthetic faces_emore folder.
 
@@ -325,9 +343,9 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
     with RecordWriter(tmp_rec, tmp_idx) as writer:
         if header_at == "start":
             writer.write(0, header)
-        for start in range(0, n_images, _BATCH):
+        for start, images in _views(renderer, labels, view_rng):
             batch = labels[start:start + _BATCH]
-            for j, jpeg in enumerate(encode_jpegs(renderer.render(batch, view_rng), quality)):
+            for j, jpeg in enumerate(encode_jpegs(images, quality)):
                 key = first_image + start + j
                 cls = float(batch[j])
                 label = (cls, 0.0) if label_format == "multi" else cls
@@ -351,9 +369,9 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
         ids = [EVAL_ID_BASE + (zlib.crc32(name.encode()) % 997) * 100_000 + p for p in people]
         order = np.argsort(ids, kind="stable")  # render identity by identity (template reuse)
         jpegs: List[bytes] = [b""] * len(ids)
-        for start in range(0, len(ids), _BATCH):
+        for start, images in _views(renderer, [ids[k] for k in order], rng):
             chunk = order[start:start + _BATCH]
-            for k, jpeg in zip(chunk, encode_jpegs(renderer.render([ids[k] for k in chunk], rng), quality)):
+            for k, jpeg in zip(chunk, encode_jpegs(images, quality)):
                 jpegs[k] = jpeg
             done += len(chunk)
             if progress is not None:
