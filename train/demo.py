@@ -86,7 +86,7 @@ def _calibrate_steps(cfg, budget_s: float, num_classes: int, probe_steps: int = 
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times[1:])) * 1.1  # + data loading and logging
-    return max(20, int(budget_s / step_s))
+    return max(150, int(budget_s / step_s))  # fewer steps would not reach the target accuracy
 
 
 def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings(),
@@ -135,8 +135,11 @@ def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings()
     say(f"training {cfg.model.net} for {steps} steps of {cfg.data.batch_size} images "
         f"(~{settings.minutes:g} min budget, {threads} threads)")
     t_train = time.perf_counter()
-    def report(record: dict[str, Any]) -> None:
-        if record["step"] % max(10, steps // 10) == 0 or record["step"] == steps:
+    tenths = [0]
+
+    def report(record: dict[str, Any]) -> None:  # about every tenth of the run
+        if record["step"] * 10 // steps > tenths[0]:
+            tenths[0] = record["step"] * 10 // steps
             say(f"step {record['step']}/{steps}  loss {record['loss']:.3f}  {record['images_per_s']:.0f} img/s")
 
     result = train(cfg, progress=report)
