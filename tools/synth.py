@@ -124,8 +124,7 @@ def render_templates(ids: Sequence[int], seed: int) -> np.ndarray:
     shape = (n, TEMPLATE, TEMPLATE)
     planes = [np.full(shape, 255, dtype=np.uint8)]
     planes += [np.broadcast_to(np.clip(m, 0, 1) * 255 + 0.5, shape).astype(np.uint8) for m in chans]
-    out = np.stack(planes, axis=-1)
-    return out
+    return np.stack(planes, axis=-1)
 
 
 class FaceRenderer:
@@ -133,8 +132,9 @@ class FaceRenderer:
 
     Args:
         seed: identity seed: identity ``i`` looks the same for the same seed.
-        difficulty: scales pose jitter, colour/lighting variation and noise (1.0 = default;
-            0 gives canonical views).
+        difficulty: scales pose jitter (:data:`JITTER`), lighting, skin-tone spread, texture and
+            noise (1.0 = default; 0 = frontal views without lighting or noise, but colours and
+            mirroring still vary per image).
         cache: how many identity templates to keep (131 KB each).
     """
 
