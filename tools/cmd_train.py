@@ -250,6 +250,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device"),
         amp: bool = typer.Option(False, "--amp/--no-amp"),
         amp_dtype: str = typer.Option("bf16", "--amp-dtype"),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)."),
+        rounds: int = typer.Option(2, "--rounds", help="Interleaved rounds per source; the best is shown."),
         work: Path = typer.Option(Path("bench-train"), "--work", help="Scratch directory."),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
@@ -261,7 +263,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         rows = bench_train(work, shards=shards, net=net, net_options=_parse_options(net_option, "--net-option"),
                            batch_size=batch_size, steps=steps, workers=workers, device=device,
-                           amp_dtype=amp_dtype if amp else None)
+                           amp_dtype=amp_dtype if amp else None, threads=threads,
+                           rounds=rounds)
         if json_out:
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
             return

@@ -41,16 +41,22 @@ def _make_shards(work: Path, seed: int = 0) -> Path:
     from lresnet.convert import convert_rec
     from lresnet.tools.synth import synthesize
 
+    train_dir = work / "shards" / "train"
+    if (train_dir / "manifest.json").exists():  # made by an earlier run
+        return train_dir
+    for stale in (work / "faces", work / "shards"):
+        shutil.rmtree(stale, ignore_errors=True)
     synthesize(work / "faces", identities=100, images_per_id=20, pairs=0, seed=seed, sets=())
     convert_rec(work / "faces", work / "shards", shard_size=500, seed=seed)
-    return work / "shards" / "train"
+    return train_dir
 
 
 def bench_train(work_dir: Union[str, Path], shards: Optional[str] = None, net: str = "mobilefacenet",
                 net_options: Optional[dict[str, Any]] = None, batch_size: int = 64, steps: int = 30,
                 workers: int = 2, device: str = "cpu", amp_dtype: Optional[str] = None,
-                log_every: int = 5) -> list[dict[str, Any]]:
-    """Train `steps` steps from `shards` (made here when None), then from the synthetic source.
+                log_every: int = 5, threads: int = 0, rounds: int = 2) -> list[dict[str, Any]]:
+    """Train `steps` steps from `shards` (made here when None), then from the synthetic source,
+    `rounds` times in turn; each source's best round is reported.
 
     Returns one row per source: ``source, images_per_s, images_per_s_step, data_wait, ratio_to_synthetic``.
     """
@@ -64,27 +70,31 @@ def bench_train(work_dir: Union[str, Path], shards: Optional[str] = None, net: s
                                      World()).num_classes
     if steps < 2 * log_every:
         raise ValueError(f"steps must be >= {2 * log_every} (two log windows), got {steps}")
-    rows = []
-    for label, source in ((f"shards ({workers} workers)", shard_source), ("synthetic (memory)", "synthetic")):
-        run_dir = work / ("run-synthetic" if source == "synthetic" else "run-shards")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = build_config({
-            "out": str(run_dir),
-            "model": {"net": net, "options": net_options or {}},
-            "data": {"shards": source, "batch_size": batch_size, "workers": workers,
-                     "synthetic_classes": num_classes},
-            "schedule": {"kind": "constant", "max_steps": steps},
-            "amp": {"enabled": amp_dtype is not None, "dtype": amp_dtype or "bf16"},
-            "dist": {"device": device},
-            "checkpoint": {"every": 0, "resume": False},
-            "log": {"every": log_every, "tensorboard": False},
-        })
-        train(cfg)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        windows = [r for r in records if "images_per_s" in r]
-        rows.append({"source": label, **summarize_windows(windows, batch_size)})
-        log.info("%s: %.1f images/s end to end, %.1f step only, %.1f%% waiting for data", label,
-                 rows[-1]["images_per_s"], rows[-1]["images_per_s_step"], 100 * rows[-1]["data_wait"])
+    sources = ((f"shards ({workers} workers)", shard_source), ("synthetic (memory)", "synthetic"))
+    best: dict[str, dict[str, float]] = {}
+    for round_ in range(rounds):  # interleaved rounds; the best of each source (the machine is noisy)
+        for label, source in sources:
+            run_dir = work / ("run-synthetic" if source == "synthetic" else "run-shards")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cfg = build_config({
+                "out": str(run_dir), "threads": threads,
+                "model": {"net": net, "options": net_options or {}},
+                "data": {"shards": source, "batch_size": batch_size, "workers": workers,
+                         "synthetic_classes": num_classes},
+                "schedule": {"kind": "constant", "max_steps": steps},
+                "amp": {"enabled": amp_dtype is not None, "dtype": amp_dtype or "bf16"},
+                "dist": {"device": device},
+                "checkpoint": {"every": 0, "resume": False},
+                "log": {"every": log_every, "tensorboard": False},
+            })
+            train(cfg)
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            row = summarize_windows([r for r in records if "images_per_s" in r], batch_size)
+            log.info("round %d, %s: %.1f images/s end to end, %.1f step only, %.1f%% waiting for data",
+                     round_ + 1, label, row["images_per_s"], row["images_per_s_step"], 100 * row["data_wait"])
+            if label not in best or row["images_per_s"] > best[label]["images_per_s"]:
+                best[label] = row
+    rows = [{"source": label, **best[label]} for label, _ in sources]
     synthetic = rows[-1]["images_per_s"]
     for row in rows:
         row["ratio_to_synthetic"] = row["images_per_s"] / synthetic

@@ -61,7 +61,7 @@ def test_bench_train_compares_shards_with_synthetic(tiny_shards, tmp_path):
     rows = bench_train(tmp_path, shards=str(tiny_shards[0]), net="mobilefacenet",
                        net_options={"bottlenecks": [[2, 16, 1, 2], [2, 16, 1, 2], [2, 32, 1, 2]],
                                     "stem_channels": 8, "head_channels": 32},
-                       batch_size=8, steps=6, workers=0, log_every=2)
+                       batch_size=8, steps=6, workers=0, log_every=2, rounds=1)
     assert [r["source"] for r in rows] == ["shards (0 workers)", "synthetic (memory)"]
     for row in rows:
         assert row["images_per_s"] > 0 and row["images_per_s_step"] >= row["images_per_s"]

@@ -139,3 +139,18 @@ def test_resume_continues_a_finished_run_to_more_steps(tiny_config, caplog):
         again = train(tiny_config(schedule={"max_steps": 6}))
     assert (again.start_step, again.steps) == (4, 6)
     assert "schedule.max_steps: 4 -> 6" in caplog.text
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_amp_on_cuda(tiny_config, dtype, tmp_path):
+    result = train(tiny_config(dist={"device": "cuda"}, amp={"enabled": True, "dtype": dtype},
+                               schedule={"max_steps": 4}))
+    assert result.steps == 4 and result.skipped_steps == 0
+
+
+@pytest.mark.npu
+def test_bf16_on_npu(tiny_config):
+    result = train(tiny_config(dist={"device": "npu"}, amp={"enabled": True, "dtype": "bf16"},
+                               schedule={"max_steps": 4}))
+    assert result.steps == 4
