@@ -468,7 +468,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch)
         if loader_position is not None and step % steps_per_epoch:
-            loader.load_state_dict(loader_position)  # resume inside this epoch
+            try:
+                loader.load_state_dict(loader_position)  # resume inside this epoch
+            except ValueError as err:  # another world size, batch size or worker count than when saved
+                log.warning("%s; epoch %d restarts from its first batch", err, epoch)
         loader_position = None
         prefetcher = DevicePrefetcher(loader, ctx.device, channels_last=use_channels_last(cfg, ctx.device))
         batches = iter(prefetcher)

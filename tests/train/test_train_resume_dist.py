@@ -93,3 +93,23 @@ def test_torchrun_two_ranks_on_gloo(tiny_shards, tmp_path):
     assert sorted(_losses(out)) == list(range(1, 11))
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["batch_size"] == 16
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_partial_fc_run_on_two_ranks_resumes_on_one(tiny_shards, tmp_path):
+    out = tmp_path / "pfc"
+    common = ["--partial-fc", "--ckpt-every", "3", "--workers", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lresnet.tools", "train", "--shards", str(tiny_shards[0]), "--out", str(out), *TINY,
+           "--max-steps", "3", *common]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = load_checkpoint(out / "ckpt-00000003.pt")
+    assert two["head"]["weight"].shape == (16, 32)  # the full centre matrix, gathered from both shards
+    proc = subprocess.run(_cmd(tiny_shards[0], out, "--max-steps", "5", *common), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_checkpoint(out / "ckpt-00000005.pt")
+    assert one["ranks"]["step"] == [5] and one["head"]["weight"].shape == (16, 32)
+    assert not torch.equal(one["head"]["weight"], two["head"]["weight"])  # it kept training the centres
