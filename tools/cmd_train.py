@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,8 +11,6 @@ from typing import Any, Optional
 import typer
 
 from lresnet.convert.errors import InputError
-
-log = logging.getLogger("lresnet.train")
 
 
 def _parse_options(items: Optional[list[str]], flag: str) -> Optional[dict[str, Any]]:
