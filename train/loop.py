@@ -209,7 +209,7 @@ def clip_and_norm(replicated: list[nn.Parameter], sharded: list[nn.Parameter], m
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=ctx.device)
-        return torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
+        return torch.nn.utils.get_total_norm(grads).float() ** 2
 
     total_sq = sq_norm(replicated)
     if sharded:
@@ -219,9 +219,7 @@ def clip_and_norm(replicated: list[nn.Parameter], sharded: list[nn.Parameter], m
         total_sq = total_sq + shard_sq
     norm = total_sq.sqrt()
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        grads = [p.grad for p in replicated + sharded if p.grad is not None]
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch.nn.utils.clip_grads_with_norm_(replicated + sharded, max_norm, norm)
     return norm
 
 
