@@ -335,6 +335,27 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, drop: set[int]) -> dict[s
     return state
 
 
+def restore(path: Path, cfg: TrainConfig, ctx: DistContext, backbone: nn.Module, head: nn.Module,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> tuple[int, Any]:
+    """Load a checkpoint into the run's objects and this rank's RNG; returns ``(step, loader position)``."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    changed = config_changes(ckpt["config"], to_dict(cfg))
+    if changed:
+        log.warning("resuming with a changed config: %s", "; ".join(changed))
+    backbone.load_state_dict(ckpt["backbone"])
+    load_head_state(head, ckpt["head"])  # the full centre matrix, re-sharded for this world
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    same_world = len(ckpt["rng"]) == ctx.world.world_size
+    rank = ctx.world.rank if same_world else 0
+    if not same_world:
+        log.warning("checkpoint was written by %d ranks, now %d: every rank takes rank 0's RNG state",
+                    len(ckpt["rng"]), ctx.world.world_size)
+    set_rng_state(ckpt["rng"][rank], ctx.device)
+    log.info("resumed from %s at step %d", path, ckpt["step"])
+    return int(ckpt["step"]), ckpt["loader"][rank]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, loader: Any = None) -> TrainResult:
@@ -371,6 +392,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
     if steps_per_epoch < 1:
         raise InputError(cfg.data.shards, f"0 batches per epoch at batch size {cfg.data.batch_size} per device")
     last_step = total_steps(cfg.schedule, steps_per_epoch)
+    if not loader.num_classes:
+        raise InputError(cfg.data.shards, "the class count is unknown (no manifest.json beside the shards)")
     backbone, head, head_sharded = build_networks(cfg, loader.num_classes, ctx)
     model = wrap_for_training(backbone, head, ctx, head_sharded)
     replicated = [p for p in backbone.parameters()] + ([] if head_sharded else list(head.parameters()))
@@ -393,24 +416,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], l
                          "or choose another --out")
     ckpt_path = manager.latest() if cfg.checkpoint.resume else None
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        changed = config_changes(ckpt["config"], to_dict(cfg))
-        if changed:
-            log.warning("resuming with a changed config: %s", "; ".join(changed))
-        backbone.load_state_dict(ckpt["backbone"])
-        load_head_state(head, ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
-        same_world = len(ckpt["rng"]) == ctx.world.world_size
-        rank = ctx.world.rank if same_world else 0
-        set_rng_state(ckpt["rng"][rank], ctx.device)
-        loader_position = ckpt["loader"][rank]
-        if not same_world:
-            log.warning("checkpoint was written by %d ranks, now %d: RNG states reseeded from rank 0's",
-                        len(ckpt["rng"]), ctx.world.world_size)
-        log.info("resumed from %s at step %d", ckpt_path, step)
-        del ckpt
+        step, loader_position = restore(ckpt_path, cfg, ctx, backbone, head, optimizer, scaler)
     if ctx.is_main:
         manager.truncate_after(step)
     metrics = MetricsLog(run_dir, cfg.log.tensorboard, step if ckpt_path else None) if ctx.is_main else None
