@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from lresnet.convert.errors import InputError
-from lresnet.convert.manifest import manifest_path, read_manifest
+from lresnet.convert.manifest import MANIFEST_NAME, STATE_NAME, TRAIN_DIR, manifest_path, read_manifest
 from lresnet.pipeline.stages import open_shard
 from lresnet.pipeline.tario import TarReadError, read_samples
 
@@ -71,6 +71,15 @@ def _from_manifest(path: Path) -> ShardSet:
                     tuple(size) if size else None)
 
 
+def _refuse_unfinished(folder: Path) -> None:
+    """A conversion folder without a manifest but with its resume record is half-written: counting its
+    tar files would silently train on part of the data set."""
+    for where in (folder, folder / TRAIN_DIR):
+        if (where / STATE_NAME).is_file():
+            raise InputError(where, f"conversion not finished: no {MANIFEST_NAME} ({STATE_NAME} present); "
+                                    "rerun convert-rec")
+
+
 def count_shard(url: str) -> tuple[int, int]:
     """(samples, largest class id + 1) of a local shard, read from its headers and `.cls` members."""
     classes = 0
@@ -102,9 +111,10 @@ def resolve_source(source: Source, manifest: Optional[Union[str, "os.PathLike[st
         text = os.fspath(source)
         path = Path(text)
         if path.is_dir():
-            for candidate in (path / "manifest.json", path / "train" / "manifest.json"):
+            for candidate in (path / MANIFEST_NAME, path / TRAIN_DIR / MANIFEST_NAME):
                 if candidate.is_file():
                     return _from_manifest(candidate)
+            _refuse_unfinished(path)
             urls = sorted(str(p) for p in path.glob("*.tar"))
             if not urls:
                 raise InputError(path, "no manifest.json and no .tar shards in this directory")

@@ -147,6 +147,18 @@ def test_list_without_manifest_is_counted(tmp_path, synth_shards):
     assert loader.num_samples == 74 and len(loader) == 9
 
 
+@pytest.mark.parametrize("below", ["", "train"])
+def test_unfinished_conversion_is_refused(tmp_path, synth_shards, below):
+    out = tmp_path / "out"
+    shutil.copytree(synth_shards, out)
+    (out / "train" / "manifest.json").unlink()
+    (out / "train" / "convert-state.json").write_text("{}")
+    folder = out / below if below else out
+    with pytest.raises(InputError, match="conversion not finished: no manifest.json") as err:
+        build_train_loader(folder, _config(), World())
+    assert str(out / "train") in str(err.value) and "rerun convert-rec" in str(err.value)
+
+
 def test_failing_pipe_command_is_an_input_error(synth_shards):
     train = synth_shards / "train"
     urls = [f"pipe:cat /nonexistent/train-00000{i}.tar" for i in range(7)]
