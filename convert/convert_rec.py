@@ -386,7 +386,7 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
     try:
         num_classes = int(source.num_classes)
         image_size = (int(source.image_size[0]), int(source.image_size[1]))
-        keys = np.asarray(source.image_keys, dtype=np.int64)
+        keys = source.image_key_array
         bins = {k: Path(v) for k, v in source.bin_files().items()}
     except BaseException:
         source.close()

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
@@ -202,27 +203,64 @@ class RecordReader:
         self._key_arr: Optional[np.ndarray] = None
         self._off_arr: Optional[np.ndarray] = None
         self._span_arr: Optional[np.ndarray] = None
-        self._keys: Optional[List[int]] = None
         if self.idx_path is not None:
             self._load_idx()
 
     # -- keys -------------------------------------------------------------------------------
+    _IDX_CHUNK = 1 << 20  # bytes of .idx parsed at a time: transient memory stays ~10 MB
+
     def _load_idx(self) -> None:
-        with open(self.idx_path, "rb") as fh:
-            text = fh.read()
-        parsed = self._parse_idx_fast(text)
-        if parsed is None:
-            parsed = self._parse_idx_lines(text)
-        keys, offsets = parsed
-        order = np.argsort(keys, kind="stable")
-        keys, offsets = keys[order], offsets[order]
-        dup = np.flatnonzero(keys[1:] == keys[:-1])
-        if dup.size:
-            raise InputError(self.idx_path, f"duplicate key {int(keys[dup[0]])}")
+        """Parse the ``.idx`` in chunks into two int64 arrays, never holding it as text or lines.
+
+        A first pass counts the lines so the arrays are allocated once at their final size;
+        peak memory is those arrays (16 bytes a record) plus one chunk.
+        """
+        with open(self.idx_path, "rb", buffering=0) as fh:
+            lines = 1
+            while True:
+                chunk = fh.read(self._IDX_CHUNK)
+                if not chunk:
+                    break
+                lines += chunk.count(b"\n")
+            keys = np.empty(lines, dtype=np.int64)
+            offsets = np.empty(lines, dtype=np.int64)
+            fh.seek(0)
+            n = 0
+            lineno = 1  # of the first line in `chunk`
+            tail = b""
+            while True:
+                block = fh.read(self._IDX_CHUNK)
+                chunk = tail + block
+                if block:
+                    cut = chunk.rfind(b"\n") + 1
+                    chunk, tail = chunk[:cut], chunk[cut:]
+                    if not chunk:
+                        continue
+                elif not chunk:
+                    break
+                parsed = self._parse_idx_fast(chunk)
+                if parsed is None:
+                    parsed = self._parse_idx_lines(chunk, lineno)
+                m = parsed[0].size
+                if n + m > keys.size:  # lone CR line ends: more lines than newlines counted
+                    keys = np.concatenate([keys[:n], np.empty(n + m, dtype=np.int64)])
+                    offsets = np.concatenate([offsets[:n], np.empty(n + m, dtype=np.int64)])
+                keys[n:n + m], offsets[n:n + m] = parsed
+                n += m
+                lineno += chunk.count(b"\n")
+                if not block:
+                    break
+        keys, offsets = keys[:n], offsets[:n]
+        if n > 1 and not np.all(keys[1:] > keys[:-1]):  # a writer's .idx is ascending already
+            order = np.argsort(keys, kind="stable")
+            keys, offsets = keys[order], offsets[order]
+            dup = np.flatnonzero(keys[1:] == keys[:-1])
+            if dup.size:
+                raise InputError(self.idx_path, f"duplicate key {int(keys[dup[0]])}")
         self._key_arr, self._off_arr = keys, offsets
 
     def _parse_idx_fast(self, text: bytes) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        """Vectorised parse of a well-formed ``.idx``; None means: parse line by line for the error."""
+        """Vectorised parse of well-formed ``.idx`` lines; None means: parse line by line for the error."""
         if not text.endswith(b"\n") or b" " in text or b"\r" in text:
             return None
         buf = np.frombuffer(text, dtype=np.uint8)
@@ -241,12 +279,12 @@ class RecordReader:
             return None
         return keys, offsets
 
-    def _parse_idx_lines(self, text: bytes) -> Tuple[np.ndarray, np.ndarray]:
+    def _parse_idx_lines(self, text: bytes, first_lineno: int = 1) -> Tuple[np.ndarray, np.ndarray]:
         lines = text.splitlines()
         keys = np.empty(len(lines), dtype=np.int64)
         offsets = np.empty(len(lines), dtype=np.int64)
         n = 0
-        for lineno, line in enumerate(lines, 1):
+        for lineno, line in enumerate(lines, first_lineno):
             parts = line.split()
             if not parts:
                 continue
@@ -266,8 +304,8 @@ class RecordReader:
 
     def _scan_keys(self) -> None:
         """Index a file without ``.idx``: walk the part headers, skipping over payloads."""
-        offsets: List[int] = []
-        spans: List[int] = []
+        offsets = array("q")  # 8 bytes a record, not a Python int object each
+        spans = array("q")
         with open(self.rec_path, "rb") as fh:
             pos = 0
             key = 0
@@ -287,8 +325,8 @@ class RecordReader:
                 spans.append(pos - start)
                 key += 1
         self._key_arr = np.arange(len(offsets), dtype=np.int64)
-        self._off_arr = np.asarray(offsets, dtype=np.int64)
-        self._span_arr = np.asarray(spans, dtype=np.int64)
+        self._off_arr = np.frombuffer(offsets, dtype=np.int64).copy()
+        self._span_arr = np.frombuffer(spans, dtype=np.int64).copy()
 
     def _index(self) -> Tuple[np.ndarray, np.ndarray]:
         if self._key_arr is None:
@@ -296,11 +334,35 @@ class RecordReader:
         return self._key_arr, self._off_arr
 
     @property
+    def key_array(self) -> np.ndarray:
+        """All record keys, ascending, as int64 (from the ``.idx``, or record ordinals from a scan)."""
+        return self._index()[0]
+
+    @property
     def keys(self) -> List[int]:
-        """All record keys, ascending (from the ``.idx``, or record ordinals from a scan)."""
-        if self._keys is None:
-            self._keys = self._index()[0].tolist()
-        return self._keys
+        """All record keys, ascending, as a new list (use :attr:`key_array` on large files)."""
+        return self.key_array.tolist()
+
+    def locate(self, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised :meth:`offset`/:meth:`span`: ``(found, offsets, spans)`` for int64 ``keys``.
+
+        ``offsets``/``spans`` are 0 where ``found`` is False (no record with that key).
+        """
+        all_keys, all_offsets = self._index()
+        keys = np.asarray(keys, dtype=np.int64)
+        n = all_keys.size
+        if n and all_keys[-1] - all_keys[0] == n - 1:  # contiguous keys: direct index
+            pos = keys - all_keys[0]
+            found = (pos >= 0) & (pos < n)
+        else:
+            pos = np.searchsorted(all_keys, keys)
+            found = pos < n
+            found[found] = all_keys[pos[found]] == keys[found]
+        pos = np.where(found, pos, 0)
+        if not n:
+            zeros = np.zeros(keys.shape, dtype=np.int64)
+            return found, zeros, zeros.copy()
+        return (found, np.where(found, all_offsets[pos], 0), np.where(found, self.spans()[pos], 0))
 
     def _position(self, key: int) -> int:
         keys, _ = self._index()
@@ -331,15 +393,18 @@ class RecordReader:
         """
         if self._span_arr is None:
             _, offsets = self._index()
-            order = np.argsort(offsets, kind="stable")
-            ends = np.append(offsets[order][1:], self.size)
-            spans = np.empty_like(offsets)
-            spans[order] = ends - offsets[order]
-            self._span_arr = spans
+            if offsets.size < 2 or np.all(offsets[1:] >= offsets[:-1]):  # the usual: file order
+                self._span_arr = np.diff(offsets, append=self.size)
+            else:
+                order = np.argsort(offsets, kind="stable")
+                ends = np.append(offsets[order][1:], self.size)
+                spans = np.empty_like(offsets)
+                spans[order] = ends - offsets[order]
+                self._span_arr = spans
         return self._span_arr
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return int(self.key_array.size)
 
     # -- reading ----------------------------------------------------------------------------
     def _file(self) -> BinaryIO:
@@ -465,8 +530,9 @@ class FacesEmore:
 
     Attributes:
         num_classes, image_size (h, w): from ``property``.
-        image_keys: keys of the image records, from the header record wherever it is
-            (or, without one, every record large enough to hold an image).
+        image_key_array: keys of the image records (int64), from the header record wherever
+            it is (or, without one, every record that holds an image); ``image_keys`` is the
+            same as a new list.
         header_key: key of the header record, or None.
         identity_keys: ``range`` of the identity records (empty without a header).
 
@@ -492,7 +558,7 @@ class FacesEmore:
         self.reader = RecordReader(self.rec_path, self.idx_path)
         self.header_key: Optional[int] = None
         self.identity_keys: range = range(0)
-        self.image_keys = self._find_images()
+        self.image_key_array = self._find_images()
         self._check_image_size()
 
     def _read_property(self) -> Tuple[int, Tuple[int, int]]:
@@ -534,18 +600,17 @@ class FacesEmore:
             return None
         return start, end
 
-    def _find_images(self) -> List[int]:
-        keys = self.reader.keys
-        if not keys:
+    def _find_images(self) -> np.ndarray:
+        key_arr = self.reader.key_array
+        if not key_arr.size:
             raise InputError(self.rec_path, "no records")
         found = None
         # Usually key 0; some writers put it last. Only then look at every small record.
-        for key in dict.fromkeys((keys[0], keys[-1])):
+        for key in dict.fromkeys((int(key_arr[0]), int(key_arr[-1]))):
             if self.reader.span(key) <= _SMALL_RECORD:
                 found = self._header_at(key)
                 if found is not None:
                     break
-        key_arr = np.asarray(keys, dtype=np.int64)
         small = self.reader.spans() <= _SMALL_RECORD if found is None else None
         if found is None:
             for key in key_arr[small].tolist():
@@ -557,8 +622,8 @@ class FacesEmore:
                         self.rec_path)
             holds_image = ~small
             for i in np.flatnonzero(small).tolist():
-                holds_image[i] = bool(self._record_header(keys[i])[1])
-            return key_arr[holds_image].tolist()
+                holds_image[i] = bool(self._record_header(int(key_arr[i]))[1])
+            return key_arr[holds_image]
         start, end = found
         self.header_key = key
         self.identity_keys = range(start, end)
@@ -566,12 +631,12 @@ class FacesEmore:
             raise InputError(self.property_path,
                              f"property says {self.num_classes} classes but the header record "
                              f"(key {key}) of {self.rec_path.name} lists {end - start} identities")
-        return key_arr[(key_arr < start) & (key_arr != key)].tolist()
+        return key_arr[(key_arr < start) & (key_arr != key)]
 
     def _check_image_size(self) -> None:
-        if not self.image_keys:
+        if not self.image_key_array.size:
             raise InputError(self.rec_path, "no image records")
-        key = self.image_keys[0]
+        key = int(self.image_key_array[0])
         _, jpeg = self.read_image(key)
         size = jpeg_size(jpeg)
         if size is not None and size != tuple(self.image_size):
@@ -580,9 +645,14 @@ class FacesEmore:
                              f"record {key} of {self.rec_path.name} is {size[0]}x{size[1]}")
 
     @property
+    def image_keys(self) -> List[int]:
+        """Keys of the image records as a new list (use :attr:`image_key_array` on large sets)."""
+        return self.image_key_array.tolist()
+
+    @property
     def num_images(self) -> int:
         """Number of image records."""
-        return len(self.image_keys)
+        return int(self.image_key_array.size)
 
     def decode_image_record(self, key: int, record: bytes) -> Tuple[int, bytes]:
         """``(class id, JPEG bytes)`` from a raw record (validated like :meth:`read_image`)."""

@@ -201,6 +201,26 @@ def test_idx_loose_formatting_still_reads(tmp_path):
     assert [r.read(k) for k in r.keys] == RECORDS
 
 
+@pytest.mark.parametrize("chunk", [5, 7, 64])
+def test_idx_is_parsed_in_chunks(tmp_path, monkeypatch, chunk):
+    """Lines cut across chunk boundaries parse the same; errors keep their line numbers."""
+    monkeypatch.setattr(RecordReader, "_IDX_CHUNK", chunk)
+    keys = [50, 7, 1000, 3, 4, 5, 6]
+    rec, idx, offsets = write(tmp_path, RECORDS, keys=keys)
+    r = RecordReader(rec, idx)
+    assert r.keys == sorted(keys) and isinstance(r.key_array, np.ndarray)
+    assert [r.read(k) for k in keys] == RECORDS
+    found, offs, spans = r.locate(np.array([1000, 8, 3], dtype=np.int64))
+    assert found.tolist() == [True, False, True]
+    assert offs.tolist() == [r.offset(1000), 0, r.offset(3)]
+    assert spans.tolist() == [r.span(1000), 0, r.span(3)]
+    idx.write_text(idx.read_text() + "8\t0\nbad line\n9\t0\n")
+    with pytest.raises(InputError, match="t.idx: line 9: expected 'key<TAB>offset'"):
+        RecordReader(rec, idx)
+    idx.write_text("\r".join(f"{i} {o}" for i, o in enumerate(offsets)))  # CR line ends, no NL
+    assert RecordReader(rec, idx).keys == list(range(len(RECORDS)))
+
+
 def test_read_at_past_end_and_continuation_start(tmp_path):
     rec, idx, offsets = write(tmp_path, RECORDS)
     r = RecordReader(rec, idx)
