@@ -52,6 +52,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def _checksum_field(field: bytes) -> int:
+    """What the low half of adler32 over a header must be, given the header's checksum field.
+
+    The checksum is the byte sum of the header with its 8-byte field counted as spaces; adler32's low
+    half is 1 + the byte sum mod 65521, computed at C speed. The field's value repeats from header to
+    header, so read_samples remembers this per field (a dict lookup instead of int() and sum() each time).
+    A field that does not parse gives -1, which never matches.
+    """
+    try:
+        stored = _octal(field)
+    except ValueError:
+        return -1
+    return (1 + stored - 256 + sum(field)) % 65521
+
+
 def _skip(stream: BinaryIO, nbytes: int, seekable: bool) -> int:
     """Move past `nbytes`; returns how many were actually available."""
     if seekable:
@@ -91,6 +106,7 @@ def read_samples(stream: BinaryIO, skip: int = 0, limit: Optional[int] = None,
     parts: dict[str, bytes] = {}
     long_name: Optional[str] = None
     pax: dict[str, str] = {}
+    known_sums: dict[bytes, int] = {}  # header checksum field -> what adler32's low half must be
     if limit is not None and limit <= 0:
         return
     while True:
@@ -101,13 +117,11 @@ def read_samples(stream: BinaryIO, skip: int = 0, limit: Optional[int] = None,
             break  # end of file without the end-of-archive blocks: accepted, as GNU tar does
         if header[0] == 0 and header == _ZERO_BLOCK:
             break
-        try:
-            # the common layout first (6 octal digits, then NUL), the general parse otherwise
-            stored = int(header[148:154], 8) if header[154] == 0 else _octal(header[148:156])
-        except ValueError:
-            stored = -1
-        # adler32's first half is 1 + the byte sum mod 65521: the header checksum test at C speed
-        if (zlib.adler32(header) & 0xFFFF) != (1 + stored - 256 + sum(header[148:156])) % 65521:
+        field = header[148:156]
+        expected = known_sums.get(field)
+        if expected is None:
+            expected = known_sums[field] = _checksum_field(field)
+        if (zlib.adler32(header) & 0xFFFF) != expected:
             raise TarReadError("tar header checksum mismatch (not a tar file, or garbled)", offset, key)
         try:
             size = int(header[124:135], 8) if header[135] in (0, 32) else _octal(header[124:136])
@@ -139,7 +153,8 @@ def read_samples(stream: BinaryIO, skip: int = 0, limit: Optional[int] = None,
             if header[345] and header[257:262] == b"ustar":
                 name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
         long_name = None
-        pax = {}
+        if pax:
+            pax = {}
         if kind not in _REGULAR:
             got = _skip(stream, padded, seekable)
             offset += got
