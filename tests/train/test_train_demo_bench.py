@@ -57,16 +57,17 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_train_compares_shards_with_synthetic(tiny_shards, tmp_path):
+def test_bench_train_compares_shards_memory_and_synthetic(tiny_shards, tmp_path):
     rows = bench_train(tmp_path, shards=str(tiny_shards[0]), net="mobilefacenet",
                        net_options={"bottlenecks": [[2, 16, 1, 2], [2, 16, 1, 2], [2, 32, 1, 2]],
                                     "stem_channels": 8, "head_channels": 32},
                        batch_size=8, steps=6, workers=0, log_every=2, rounds=1)
-    assert [r["source"] for r in rows] == ["shards (0 workers)", "synthetic (memory)"]
+    assert [r["source"] for r in rows] == ["shards (0 workers)", "real batches from memory",
+                                           "SyntheticSource (random pixels)"]
     for row in rows:
         assert row["images_per_s"] > 0 and row["images_per_s_step"] >= row["images_per_s"]
         assert 0.0 <= row["data_wait"] <= 1.0
-    assert rows[1]["ratio_to_synthetic"] == 1.0
+    assert rows[1]["ratio_to_memory"] == 1.0
 
 
 def test_cli_reports_a_bad_option_in_one_line_with_exit_2(tmp_path):
