@@ -100,6 +100,8 @@ def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings()
 
     t_start = time.perf_counter()
     work = Path(work_dir)
+    for stale in ("faces", "shards", "run"):  # the demo owns these and starts from scratch every time
+        shutil.rmtree(work / stale, ignore_errors=True)
     threads = settings.threads or max(1, _cores() - 1)
     torch.set_num_threads(threads)
 
@@ -113,7 +115,6 @@ def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings()
     pair_sets = [load_pair_set(name, data_dir=val_dir) for name in settings.sets]
 
     run_dir = work / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from scratch
     values = {
         "out": str(run_dir), "seed": settings.seed, "threads": threads,
         "model": {"net": settings.net, "embedding_size": settings.embedding_size, "options": settings.net_options},

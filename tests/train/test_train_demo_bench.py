@@ -54,6 +54,8 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert report["steps"] == 6 and report["train_seconds"] > 0
     json.dumps(report)  # the --json output
     assert any("training" in m for m in messages)
+    again = run_demo(tmp_path, settings, say=messages.append)  # a rerun in the same directory
+    assert again["sets"]["lfw"]["raw_pixels"] == row["raw_pixels"]
 
 
 @pytest.mark.slow
