@@ -499,8 +499,12 @@ class RecordReader:
         return state
 
 
-def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
-    """``(height, width)`` from a JPEG's SOF marker, or None if ``data`` is not a readable JPEG."""
+def jpeg_sof(data: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """``(offset, marker, height, width)`` of a JPEG's SOF segment, or None if there is none.
+
+    ``offset`` is where its ``0xFF`` marker byte is; ``height``/``width`` are big-endian uint16
+    at ``offset + 5`` and ``offset + 7``.
+    """
     if data[:2] != b"\xff\xd8":
         return None
     pos = 2
@@ -520,9 +524,15 @@ def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
             if pos + 9 > n:
                 return None
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return height, width
+            return pos, marker, height, width
         pos += 2 + seglen
     return None
+
+
+def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` from a JPEG's SOF marker, or None if ``data`` is not a readable JPEG."""
+    sof = jpeg_sof(data)
+    return None if sof is None else (sof[2], sof[3])
 
 
 class FacesEmore:
@@ -699,5 +709,5 @@ def open_faces_emore(src_dir: PathLike) -> FacesEmore:
 
 
 __all__ = ["MAGIC", "IR_SIZE", "IRHeader", "pack", "unpack", "first_label", "encode_record",
-           "RecordWriter", "RecordReader", "FacesEmore", "open_faces_emore", "jpeg_size"]
+           "RecordWriter", "RecordReader", "FacesEmore", "open_faces_emore", "jpeg_size", "jpeg_sof"]
 

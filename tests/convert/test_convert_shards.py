@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tarfile
 
+import numpy as np
 import pytest
 
 from lresnet.convert.errors import InputError
@@ -15,10 +16,12 @@ from lresnet.convert.shards import (
     TarShardWriter,
     file_sha256,
     iter_members,
+    pack_jpg_cls,
     read_dali_index,
     remove_stale_temp_files,
     split_member_name,
     ustar_header,
+    write_shard_file,
 )
 
 SAMPLES = [
@@ -200,3 +203,26 @@ def test_dali_index_matches_gnu_tar_block_numbers(tmp_path):
         members.append((name, (int(block.split()[1]) + 1) * 512, int(size_line.split()[2])))
     flat = [c for sample in read_dali_index(tmp_path / "s.idx") for c in sample]
     assert [(c[3], c[1], c[2]) for c in flat] == members
+
+
+@pytest.mark.parametrize("count", [0, 1, 40])
+def test_pack_jpg_cls_is_byte_identical_to_add_pair(tmp_path, count):
+    """The converter's whole-shard packer writes what add_pair writes, also into a dirty buffer."""
+    rng = np.random.default_rng(count)
+    datas = [os.urandom(n) for n in rng.choice([0, 1, 511, 512, 513, 6400, 10240], count)]
+    keys = rng.choice(10 ** 9, count, replace=False).astype(np.int64)
+    labels = rng.choice([0, 9, 10, 99, 100, 85741, 10 ** 12], count).astype(np.int64)
+    src = b"junk" + b"".join(datas)
+    sizes = np.array([len(d) for d in datas], dtype=np.int64)
+    starts = 4 + np.cumsum(sizes) - sizes
+    with TarShardWriter(tmp_path / "a.tar", tmp_path / "a.idx") as w:
+        for k, label, d in zip(keys.tolist(), labels.tolist(), datas):
+            w.add_pair(str(k).zfill(9), "jpg", d, "cls", str(label).encode())
+    dirty = np.full(1 << 20, 0xAA, dtype=np.uint8)
+    for out in (None, dirty):
+        data, index = pack_jpg_cls(keys, 9, labels, src, starts, sizes, out=out)
+        info = write_shard_file(tmp_path / "b.tar", data, count, tmp_path / "b.idx", index)
+        assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
+        assert (tmp_path / "b.idx").read_bytes() == (tmp_path / "a.idx").read_bytes()
+        assert info.sha256 == file_sha256(tmp_path / "a.tar") and info.count == count
+    assert not list(tmp_path.glob(".*.tmp"))
