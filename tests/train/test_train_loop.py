@@ -180,3 +180,30 @@ def test_gradient_clipping_bounds_the_update(tiny_config, tmp_path):
     train(tiny_config(optim={"grad_clip": 1.0}, schedule={"max_steps": 3}))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 0 for r in records)  # the norm before clipping is what gets logged
+
+
+def test_tensorboard_scalars_when_installed(tiny_config, tiny_shards, monkeypatch):
+    import sys
+    import types
+
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def flush(self):
+            return None
+
+        def close(self):
+            return None
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train(tiny_config(log={"every": 2, "tensorboard": True}, schedule={"max_steps": 4},
+                      eval={"val": str(tiny_shards[1]), "every": 4, "at_epoch_end": False}))
+    tags = {tag for tag, _ in scalars}
+    assert {"loss", "lr", "images_per_s", "data_wait", "verification/lfw/accuracy"} <= tags
+    assert ("loss", 4) in scalars
