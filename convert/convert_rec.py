@@ -260,17 +260,16 @@ class RecordFetcher:
             self._read_buf = np.empty(int(total * 1.25), dtype=np.uint8)
         buf = self._read_buf[:total]
         view = memoryview(buf)
-        got = np.empty(first.size, dtype=np.int64)
-        fd = self._fd
+        fd, preadv = self._fd, os.preadv
         runs = list(zip(run_dst.tolist(), run_len.tolist(), run_off.tolist()))
+        got: List[int] = []
         step = self._REPORT_EVERY
         for c in range(0, len(runs), step):
-            for r, (dst, length, off) in enumerate(runs[c:c + step], c):
-                got[r] = os.preadv(fd, [view[dst:dst + length]], off)
+            got += [preadv(fd, [view[dst:dst + length]], off) for dst, length, off in runs[c:c + step]]
             if report is not None:
                 report(int(last[min(c + step, len(runs)) - 1] + 1 - (last[c - 1] + 1 if c else 0)))
         rel = offsets - run_off[run_of]
-        return buf, run_dst[run_of] + rel, rel + spans <= got[run_of]
+        return buf, run_dst[run_of] + rel, rel + spans <= np.asarray(got, dtype=np.int64)[run_of]
 
     def _parse(self, buf: np.ndarray, pos: np.ndarray, spans: np.ndarray
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
