@@ -28,7 +28,7 @@ MAX_KEPT_FAULTS = 1000
 
 def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, epoch: int, role: int, roles: int,
                    start_batch: int = 0, shared: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
-    """The pipeline, read top to bottom: source -> split -> shuffle -> decode -> augment -> batch.
+    """The pipeline, read top to bottom: split -> source -> shuffle -> batch -> decode + augment.
 
     Yields this worker role's batches of the epoch (after the first `start_batch` batches of the
     rank, which a resumed run has already consumed) as `(images, labels, faults)`.
@@ -41,13 +41,11 @@ def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, epoch
     plan = worker_plan(shards.counts, config.batch_size, world, config.seed, epoch, role, roles, start_batch)  # split
     samples = stages.read_shards(plan.segments, shards.urls, faults, strict=config.strict)  # source
     samples = stages.shuffle(samples, config.shuffle_buffer, seed + (1,))
-    samples = stages.attach_random(samples, random_width(augmentations), seed + (2,))
     samples = stages.skip(samples, plan.skip_batches * config.batch_size)  # resume: drop before decoding
-    samples = stages.decode(samples, get_decoder(config.decoder), image_size, shards.num_classes, faults,
-                            strict=config.strict)
-    samples = stages.augment(samples, augmentations)
-    return stages.batch(samples, config.batch_size, plan.num_batches - plan.skip_batches, image_size, faults,
-                        ring=config.prefetch_factor + 2 if shared else 0)
+    batches = stages.batch(samples, config.batch_size, plan.num_batches - plan.skip_batches)
+    batches = stages.attach_random(batches, random_width(augmentations), seed + (2,), first=plan.skip_batches)
+    return stages.decode(batches, get_decoder(config.decoder), augmentations, image_size,  # decode + augment
+                         shards.num_classes, faults, strict=config.strict, ring=config.prefetch_factor + 2 if shared else 0)
 
 
 class _EpochStream(IterableDataset):
@@ -190,7 +188,7 @@ class TrainLoader:
             if self._pin and self.config.workers == 0:
                 images, labels = images.pin_memory(), labels.pin_memory()
             elif not self._pin and self.config.workers > 0:
-                # the worker reuses its shared buffers (stages.batch ring); pinning copies, this too
+                # the worker reuses its shared buffers (stages.decode ring); pinning copies, this too
                 images, labels = images.clone(), labels.clone()
             self._position += 1
             yield images, labels

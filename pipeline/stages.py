@@ -1,10 +1,11 @@
 """Pipeline stages: small generators `Iterator[sample] -> Iterator[sample]`, one concern each.
 
 A sample is a dict in webdataset's style: `__key__`, `__url__` (the shard) and the member
-payloads by extension (`jpg`, `cls`); later stages add `rand` (uniforms for augmentation),
-`image` (uint8 HWC RGB, None when the sample was bad) and `label`. Faults are appended to a
-shared list that the batch stage hands on with each batch, so the main process can count and
-report them. Stages are composed in lresnet.pipeline.loader.train_pipeline.
+payloads by extension (`jpg`, `cls`). Samples are grouped into batches while still encoded, as
+in DALI: the random numbers are drawn per batch, and the decode stage writes each image straight
+into its slot of the batch buffer. Faults are appended to a shared list that the decode stage
+hands on with each batch, so the main process can count and report them. Stages are composed
+in lresnet.pipeline.loader.train_pipeline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from lresnet.convert.errors import InputError
-from lresnet.pipeline.augment import Augmentation
+from lresnet.pipeline.augment import Augmentation, HorizontalFlip
 from lresnet.pipeline.plan import Segment
 from lresnet.pipeline.tario import TarReadError, read_samples
 
@@ -121,71 +122,9 @@ def shuffle(samples: Iterable[Sample], bufsize: int, seed: Sequence[int]) -> Ite
         yield buf.pop()
 
 
-def attach_random(samples: Iterable[Sample], width: int, seed: Sequence[int], chunk: int = 256) -> Iterator[Sample]:
-    """Give each sample its `width` uniforms for augmentation, drawn in stream order."""
-    if width == 0:
-        yield from samples
-        return
-    rng = np.random.default_rng(list(seed))
-    rows: list = []
-    i = chunk
-    for sample in samples:
-        if i == chunk:
-            rows = rng.random((chunk, width)).tolist()
-            i = 0
-        sample["rand"] = rows[i]
-        i += 1
-        yield sample
-
-
 def skip(samples: Iterable[Sample], count: int) -> Iterator[Sample]:
     """Drop the first `count` samples (already consumed before a resume)."""
     yield from itertools.islice(samples, count, None)
-
-
-def decode(samples: Iterable[Sample], decoder: Callable[[bytes], np.ndarray], image_size: tuple[int, int],
-           num_classes: Optional[int], faults: list, strict: bool = False) -> Iterator[Sample]:
-    """Decode `jpg` to a uint8 HWC RGB `image` and `cls` to an int `label`.
-
-    A sample that does not decode, has the wrong size or a bad label is a fault: it is counted
-    and passed on with image None (strict: InputError naming shard and key).
-    """
-    shape = (image_size[0], image_size[1], 3)
-    for sample in samples:
-        try:
-            image = decoder(sample.pop("jpg"))
-            if image.shape != shape:
-                raise ValueError(f"image is {'x'.join(map(str, image.shape))}, expected {'x'.join(map(str, shape))}")
-            label = int(sample.pop("cls"))
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                raise ValueError(f"class {label} out of range [0, {num_classes})")
-        except Exception as err:  # any decoder failure on one sample is a data fault, not a crash
-            if isinstance(err, KeyError):
-                err = ValueError(f"sample has no {err.args[0]!r} member")
-            if strict:
-                raise InputError(sample["__url__"], f"corrupt sample: {err}", where=f"key {sample['__key__']}") from err
-            faults.append(Fault("corrupt", sample["__url__"], sample["__key__"], str(err) or type(err).__name__))
-            image, label = None, -1
-        sample["image"] = image
-        sample["label"] = label
-        yield sample
-
-
-def augment(samples: Iterable[Sample], augmentations: Sequence[Augmentation]) -> Iterator[Sample]:
-    """Apply the augmentations in order, each reading its uniforms from `rand`."""
-    if not augmentations:
-        yield from samples
-        return
-    for sample in samples:
-        image = sample["image"]
-        if image is not None:
-            u = sample["rand"]
-            i = 0
-            for aug in augmentations:
-                image = aug.apply(image, u, i)
-                i += aug.n_random
-            sample["image"] = image
-        yield sample
 
 
 def _new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -197,43 +136,120 @@ def _new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(new_shared(nbytes)).view(shape)
 
 
-def batch(samples: Iterable[Sample], batch_size: int, num_batches: int, image_size: tuple[int, int],
-          faults: list, ring: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
-    """Collect exactly `num_batches` batches `(images uint8 [B,H,W,3], labels int64 [B], faults)`.
+def batch(samples: Iterable[Sample], batch_size: int, num_batches: int) -> Iterator[list[Optional[Sample]]]:
+    """Group the (still encoded) samples into exactly `num_batches` lists of `batch_size`.
 
-    A bad sample keeps its slot (the batch shape never changes, so DDP collectives stay in step):
-    the slot gets label -1, which the margin heads ignore, and a copy of a good image of the batch
-    so normalisation statistics are not skewed. Slots left empty because a shard was cut short are
-    filled the same way. `faults` is emptied into each batch.
+    Slots left empty because the stream ran short (a shard was cut short) hold None.
+    """
+    it = iter(samples)
+    for _ in range(num_batches):
+        group = list(itertools.islice(it, batch_size))
+        if len(group) < batch_size:
+            group.extend([None] * (batch_size - len(group)))
+        yield group
+
+
+def attach_random(batches: Iterable[list], width: int, seed: Sequence[int],
+                  first: int = 0) -> Iterator[tuple[list, Optional[np.ndarray]]]:
+    """Give each batch its uniforms for augmentation, `[batch_size, width]` (None when width is 0).
+
+    One seeded stream, `width` numbers per sample in sample order; a run resumed at batch `first`
+    draws and drops the skipped batches' numbers first, so each batch gets exactly what it got in
+    the uninterrupted run.
+    """
+    if not width:
+        for group in batches:
+            yield group, None
+        return
+    rng = np.random.default_rng(list(seed))
+    it = iter(batches)
+    group = next(it, None)
+    if group is None:
+        return
+    for done in range(0, first, 1024):  # in chunks, so a late resume needs little memory
+        rng.random((min(1024, first - done) * len(group), width))
+    while group is not None:
+        yield group, rng.random((len(group), width))
+        group = next(it, None)
+
+
+def apply_augmentations(image: np.ndarray, augmentations: Sequence[Augmentation], u: Sequence[float]) -> np.ndarray:
+    """Apply the augmentations in order, each reading its uniforms from `u`."""
+    i = 0
+    for aug in augmentations:
+        image = aug.apply(image, u, i)
+        i += aug.n_random
+    return image
+
+
+def decode(batches: Iterable[tuple[list, Optional[np.ndarray]]], decoder: Callable[[bytes], np.ndarray],
+           augmentations: Sequence[Augmentation], image_size: tuple[int, int], num_classes: Optional[int],
+           faults: list, strict: bool = False, ring: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+    """Decode and augment each batch's samples into `(images uint8 [B,H,W,3] RGB, labels int64 [B], faults)`.
+
+    Each JPEG is decoded into its slot of the batch buffer and augmented on the way, while it is in
+    the cache: a decoder with `into` (simplejpeg) writes the slot itself, mirrored when the flip is
+    drawn, so the default pipeline makes no per-image array and no extra copy; otherwise the image
+    is decoded, augmented (`apply_augmentations`) and copied into its slot.
+
+    A sample that does not decode, has the wrong size or a bad label is a fault: it is counted and
+    its slot kept (the batch shape never changes, so DDP collectives stay in step), with label -1,
+    which the margin heads ignore, and a copy of a good image of the batch so normalisation
+    statistics are not skewed; so are empty slots (None). Strict: InputError naming shard and key.
+    `faults` (also filled by the source) is emptied into each batch.
 
     With `ring` > 0 (in DataLoader workers) batches are written into `ring` shared-memory buffers used
     in turn: no fresh shared memory (page faults, ~15 us per image) and no copy when sending. The
     consumer must copy a batch out before `ring` more arrive (TrainLoader does; pinning copies too).
     """
-    shape = (batch_size, image_size[0], image_size[1], 3)
-    buffers = [(_new_shared(shape, torch.uint8), _new_shared((batch_size,), torch.int64)) for _ in range(ring)]
-    it = iter(samples)
-    last_good: Optional[np.ndarray] = None
-    for index in range(num_batches):
-        if buffers:
+    into = getattr(decoder, "into", None)
+    flip_only = len(augmentations) == 1 and isinstance(augmentations[0], HorizontalFlip)
+    direct = into is not None and (not augmentations or flip_only)
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for index, (group, rand) in enumerate(batches):
+        shape = (len(group), image_size[0], image_size[1], 3)
+        if ring:
+            if not buffers:
+                buffers = [(_new_shared(shape, torch.uint8), _new_shared(shape[:1], torch.int64)) for _ in range(ring)]
             images, labels = buffers[index % ring]
         else:
-            images, labels = torch.empty(shape, dtype=torch.uint8), torch.empty(batch_size, dtype=torch.int64)
+            images, labels = torch.empty(shape, dtype=torch.uint8), torch.empty(shape[0], dtype=torch.int64)
         view = images.numpy()
-        label_view = labels.numpy()
+        if direct:
+            mirror = (rand[:, 0] < augmentations[0].p).tolist() if flip_only else [False] * len(group)
+        label_list = []
         holes = []
-        for slot in range(batch_size):
-            sample = next(it, None)
-            if sample is None or sample["image"] is None:
+        for slot, sample in enumerate(group):
+            if sample is None:
                 holes.append(slot)
-                label_view[slot] = -1
+                label_list.append(-1)
                 continue
-            view[slot] = last_good = sample["image"]
-            label_view[slot] = sample["label"]
-        for slot in holes:
-            if last_good is None:
-                view[slot] = 0
-            else:
-                view[slot] = last_good
+            try:
+                if direct:
+                    into(sample["jpg"], view[slot], mirror[slot])
+                else:
+                    image = decoder(sample["jpg"])
+                    if image.shape != shape[1:]:
+                        raise ValueError(f"image is {'x'.join(map(str, image.shape))}, "
+                                         f"expected {'x'.join(map(str, shape[1:]))}")
+                    view[slot] = apply_augmentations(image, augmentations, rand[slot]) if augmentations else image
+                label = int(sample["cls"])
+                if label < 0 or (num_classes is not None and label >= num_classes):
+                    raise ValueError(f"class {label} out of range [0, {num_classes})")
+            except Exception as err:  # any decoder failure on one sample is a data fault, not a crash
+                if isinstance(err, KeyError):
+                    err = ValueError(f"sample has no {err.args[0]!r} member")
+                if strict:
+                    raise InputError(sample["__url__"], f"corrupt sample: {err}",
+                                     where=f"key {sample['__key__']}") from err
+                faults.append(Fault("corrupt", sample["__url__"], sample["__key__"], str(err) or type(err).__name__))
+                holes.append(slot)
+                label = -1
+            label_list.append(label)
+        labels.numpy()[:] = label_list
+        if holes:
+            good = next((slot for slot, label in enumerate(label_list) if label >= 0), None)
+            for slot in holes:
+                view[slot] = 0 if good is None else view[good]
         handed, faults[:] = list(faults), []
         yield images, labels, handed

@@ -54,3 +54,16 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="got 'rotate'"):
         PipelineConfig(augment=["rotate"])
     assert PipelineConfig(augment=["crop"]).augment == ("crop",)
+
+
+def test_simplejpeg_decodes_into_a_slot_mirrored_or_not(jpegs):
+    _, data = jpegs
+    decode = get_decoder("simplejpeg")
+    out = np.zeros((2, 112, 112, 3), np.uint8)
+    decode.into(data[0], out[0])
+    decode.into(data[0], out[1], mirror=True)
+    assert np.array_equal(out[0], decode(data[0])) and np.array_equal(out[1], out[0][:, ::-1])
+    with pytest.raises(ValueError, match="112x112x3"):
+        decode.into(data[0], np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="image is 112x112x3, expected 120x120x3"):
+        decode.into(data[0], np.zeros((120, 120, 3), np.uint8), mirror=True)

@@ -33,12 +33,21 @@ def test_shuffle_without_buffer_keeps_order():
     assert [s["i"] for s in stages.shuffle(_samples(10), 0, (0,))] == list(range(10))
 
 
-def test_attach_random_does_not_depend_on_chunking():
-    a = [s["rand"] for s in stages.attach_random(_samples(50), 3, (7,), chunk=256)]
-    b = [s["rand"] for s in stages.attach_random(_samples(50), 3, (7,), chunk=256)]
-    c = [s["rand"] for s in stages.attach_random(_samples(50), 3, (8,), chunk=256)]
-    assert a == b and a != c
-    assert all(len(r) == 3 and all(0 <= x < 1 for x in r) for r in a)
+def test_attach_random_is_seeded_and_resumes_exactly():
+    groups = [[None] * 4 for _ in range(6)]
+    a = [r for _, r in stages.attach_random(groups, 3, (7,))]
+    b = [r for _, r in stages.attach_random(groups, 3, (7,))]
+    c = [r for _, r in stages.attach_random(groups, 3, (8,))]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], c[0])
+    assert all(r.shape == (4, 3) and (r >= 0).all() and (r < 1).all() for r in a)
+    resumed = [r for _, r in stages.attach_random(groups[4:], 3, (7,), first=4)]
+    assert all(np.array_equal(x, y) for x, y in zip(resumed, a[4:]))
+    assert all(r is None for _, r in stages.attach_random(groups, 0, (7,)))
+
+
+def test_batch_groups_encoded_samples_and_pads_a_short_stream():
+    out = list(stages.batch(_samples(5), 2, 4))
+    assert [[s and s["i"] for s in g] for g in out] == [[0, 1], [2, 3], [4, None], [None, None]]
 
 
 def test_skip_drops_the_first_samples():
@@ -52,26 +61,60 @@ def _fake_decoder(data: bytes) -> np.ndarray:
     return np.full((size, size, 3), size, np.uint8)
 
 
-def _raw(items):
-    return [{"__key__": k, "__url__": "shard-7.tar", "jpg": j, "cls": c} for k, j, c in items]
+def _raw(items, width=0):
+    group = [None if k is None else {"__key__": k, "__url__": "shard-7.tar", "jpg": j, "cls": c}
+             for k, j, c in items]
+    return [(group, np.zeros((len(group), width)) if width else None)]
 
 
 def test_decode_counts_and_skips_bad_samples():
-    faults = []
-    items = _raw([("a", b"4", b"1"), ("b", b"bad", b"2"), ("c", b"5", b"3"), ("d", b"4", b"9"), ("e", b"4", b"x")])
-    out = list(stages.decode(items, _fake_decoder, (4, 4), 5, faults))
-    assert [s["label"] for s in out] == [1, -1, -1, -1, -1]
-    assert out[0]["image"].shape == (4, 4, 3)
-    assert all(s["image"] is None for s in out[1:])
-    assert [(f.kind, f.shard, f.key) for f in faults] == [("corrupt", "shard-7.tar", k) for k in "bcde"]
-    assert "not a JPEG" in faults[0].message and "5x5x3" in faults[1].message and "out of range" in faults[2].message
+    faults = ["from the source"]
+    items = _raw([("a", b"4", b"1"), ("b", b"bad", b"2"), ("c", b"5", b"3"), ("d", b"4", b"9"), ("e", b"4", b"x"),
+                  (None, None, None)])
+    (images, labels, handed), = stages.decode(items, _fake_decoder, [], (4, 4), 5, faults)
+    assert labels.tolist() == [1, -1, -1, -1, -1, -1]
+    assert images.shape == (6, 4, 4, 3) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert (images == 4).all()  # bad and empty slots hold a copy of a good image of the batch
+    assert handed[0] == "from the source" and faults == []
+    assert [(f.kind, f.shard, f.key) for f in handed[1:]] == [("corrupt", "shard-7.tar", k) for k in "bcde"]
+    assert "not a JPEG" in handed[1].message and "5x5x3" in handed[2].message and "out of range" in handed[3].message
+
+
+def test_decode_of_a_batch_with_no_good_sample_is_zeros():
+    (images, labels, _), = stages.decode(_raw([("b", b"bad", b"2"), (None, None, None)]), _fake_decoder, [],
+                                         (4, 4), 5, [])
+    assert labels.tolist() == [-1, -1] and not images.any()
 
 
 def test_decode_strict_names_shard_and_key():
     items = _raw([("a", b"4", b"1"), ("k17", b"bad", b"2")])
     with pytest.raises(InputError) as err:
-        list(stages.decode(items, _fake_decoder, (4, 4), 5, [], strict=True))
+        list(stages.decode(items, _fake_decoder, [], (4, 4), 5, [], strict=True))
     assert "shard-7.tar" in str(err.value) and "k17" in str(err.value)
+
+
+def test_decode_ring_reuses_shared_buffers():
+    batches = [([{"__key__": str(i), "__url__": "s", "jpg": b"2", "cls": str(i).encode()} for i in (2 * b, 2 * b + 1)],
+                None) for b in range(4)]
+    out = [(images.data_ptr(), labels.tolist()) for images, labels, _ in
+           stages.decode(batches, _fake_decoder, [], (2, 2), None, [], ring=3)]
+    assert [lab for _, lab in out] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert out[0][0] == out[3][0] and len({ptr for ptr, _ in out[:3]}) == 3
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
+def test_decode_with_flip_mirrors_exactly_the_drawn_slots(decoder):
+    from lresnet.pipeline.decoders import get_decoder
+    from lresnet.tools.synth import encode_jpegs, render_faces
+
+    jpegs = encode_jpegs(render_faces(list(range(4)), np.random.default_rng(0), seed=1))
+    decode = get_decoder(decoder)
+    group = [{"__key__": str(i), "__url__": "s", "jpg": j, "cls": b"0"} for i, j in enumerate(jpegs)]
+    rand = np.array([[0.1], [0.9], [0.4], [0.6]])
+    (images, _, _), = stages.decode([(group, rand)], decode, build_augmentations(True), (112, 112), 1, [])
+    for i, jpeg in enumerate(jpegs):
+        want = decode(jpeg)
+        assert np.array_equal(images[i].numpy(), want[:, ::-1] if rand[i, 0] < 0.5 else want)
 
 
 def test_flip_mirrors_only_when_drawn():
@@ -97,41 +140,16 @@ def test_extra_augmentations_keep_shape_and_dtype(extra):
     augs = build_augmentations(True, extra)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
-    samples = [{"image": image, "rand": [0.0] * random_width(augs)}, {"image": image, "rand": [0.99] * random_width(augs)}]
-    changed, untouched = list(stages.augment(samples, augs))
-    assert changed["image"].shape == image.shape and changed["image"].dtype == np.uint8
-    assert not np.array_equal(changed["image"], image)
-    assert np.array_equal(untouched["image"], image)
+    changed = stages.apply_augmentations(image, augs, [0.0] * random_width(augs))
+    untouched = stages.apply_augmentations(image, augs, [0.99] * random_width(augs))
+    assert changed.shape == image.shape and changed.dtype == np.uint8
+    assert not np.array_equal(changed, image)
+    assert np.array_equal(untouched, image)
 
 
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="expected one of"):
         build_augmentations(True, ("rotate",))
-
-
-def _decoded(labels, size=2):
-    return [{"image": None if lab is None else np.full((size, size, 3), lab, np.uint8),
-             "label": -1 if lab is None else lab} for lab in labels]
-
-
-def test_batch_shape_is_fixed_and_bad_slots_are_labelled_minus_one():
-    faults = ["f1"]
-    out = list(stages.batch(_decoded([1, None, 3, 4, 5]), 3, 3, (2, 2), faults))
-    assert len(out) == 3  # 5 samples, 3 per batch, 3 batches asked for: the stream ran short
-    images, labels, handed = out[0]
-    assert images.shape == (3, 2, 2, 3) and images.dtype == torch.uint8 and labels.dtype == torch.int64
-    assert labels.tolist() == [1, -1, 3]
-    assert images[1].unique().tolist() == [3]  # the hole holds a copy of a good image of the batch
-    assert handed == ["f1"] and faults == []
-    assert out[1][1].tolist() == [4, 5, -1]
-    assert out[2][1].tolist() == [-1, -1, -1]
-
-
-def test_batch_ring_reuses_shared_buffers():
-    out = [(images.data_ptr(), labels.tolist()) for images, labels, _ in
-           stages.batch(_decoded(list(range(8))), 2, 4, (2, 2), [], ring=3)]
-    assert [lab for _, lab in out] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert out[0][0] == out[3][0] and len({ptr for ptr, _ in out[:3]}) == 3
 
 
 def test_expand_braces():
