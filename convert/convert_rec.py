@@ -6,12 +6,14 @@ per-sample state the main process keeps). Shard ``i`` holds plan entries
 settings, never on which process wrote it or when, so ``--workers N`` output equals
 ``--workers 1`` and a rerun after a kill ends with the same manifest.
 
-A worker reads its shard's records in file order (one ``preadv`` per record, or per run of
-nearby records) into one buffer, checks them all at once with numpy (:class:`RecordFetcher`),
-and builds the whole tar in memory (:func:`~lresnet.convert.shards.pack_jpg_cls`): it holds
-one shard, never the dataset. The shard is hashed and written in 1 MiB chunks under a
-temporary name and renamed when complete. Finished shards are recorded in
-``convert-state.json``; ``manifest.json`` appears only when every shard is done.
+A worker writes its shard a batch of :data:`BATCH` samples at a time: it reads the batch's
+records in file order (one ``preadv`` per record, or per run of nearby records) into one
+buffer, checks them all at once with numpy (:class:`RecordFetcher`), lays out their tar
+members with numpy (:func:`~lresnet.convert.shards.pack_jpg_cls`) and appends them to the
+shard (:meth:`~lresnet.convert.shards.TarShardWriter.add_packed`: hashed and written in
+1 MiB pieces under a temporary name, renamed when complete). A worker holds one batch,
+never a shard or the dataset. Finished shards are recorded in ``convert-state.json``;
+``manifest.json`` appears only when every shard is done.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from lresnet.convert.shards import (
     iter_members,
     pack_jpg_cls,
     remove_stale_temp_files,
-    write_shard_file,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[str, int, int], None]
 
 KEY_DIGITS_MIN = 9
+BATCH = 512  # samples read, checked and packed at a time (~4 MB: stays in cache)
 
 
 @dataclass
@@ -142,7 +144,7 @@ def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
 
 @dataclass
 class ShardImages:
-    """A shard's checked images: JPEGs in one buffer, per-sample arrays in plan order."""
+    """A batch of checked images: JPEGs in one buffer, per-sample arrays in plan order."""
 
     keys: np.ndarray      # int64, the kept keys in plan order
     labels: np.ndarray    # int64 class ids
@@ -154,7 +156,7 @@ class ShardImages:
 
 
 class RecordFetcher:
-    """Reads and checks the image records of a shard with few syscalls and no per-record objects.
+    """Reads and checks batches of image records with few syscalls and no per-record objects.
 
     Records are read in file order, one ``preadv`` per run of records that lie within
     :attr:`GAP` bytes of each other (one per record for a shuffled shard, a few large reads
@@ -166,13 +168,12 @@ class RecordFetcher:
 
     JPEG headers: the first image is parsed in full (simplejpeg); every image whose SOF
     marker and size sit at the same place is accepted with that size (a vectorised check of
-    11 bytes); any other image is parsed in full. So the size check is exact for every image.
+    6 bytes); any other image is parsed in full. So the size check is exact for every image.
     """
 
     _MAX_SPAN = 1 << 26
     GAP = 4096            # bytes between two records below which one read takes both
-    _TEMPLATES = 4        # JPEG header layouts learned per shard before parsing one by one
-    _REPORT_EVERY = 1024  # reads between progress reports (each one also checks for abort)
+    _TEMPLATES = 4        # JPEG header layouts learned per batch before parsing one by one
 
     def __init__(self, source):
         self.source = source
@@ -185,8 +186,8 @@ class RecordFetcher:
         """``(label, jpeg)`` of one image record (the checked slow path)."""
         return self.source.read_image(int(key))
 
-    def read_shard(self, keys: np.ndarray, image_size: Tuple[int, int], skip_corrupt: bool,
-                   report: Optional[Callable[[int], None]] = None) -> ShardImages:
+    def read_batch(self, keys: np.ndarray, image_size: Tuple[int, int], skip_corrupt: bool
+                   ) -> ShardImages:
         """Read and check the records ``keys`` (plan order); see the class docstring.
 
         Raises:
@@ -198,7 +199,7 @@ class RecordFetcher:
         fast = found & (spans >= _LREC.size + IR_SIZE) & (spans <= self._MAX_SPAN)
         cand = np.flatnonzero(fast)
         cand = cand[np.argsort(offsets[cand], kind="stable")]
-        buf, rec_pos, read_ok = self._read_runs(offsets[cand], spans[cand], report)
+        buf, rec_pos, read_ok = self._read_runs(offsets[cand], spans[cand])
         pos = np.full(n, -1, dtype=np.int64)
         pos[cand[read_ok]] = rec_pos[read_ok]
 
@@ -240,8 +241,8 @@ class RecordFetcher:
         kept = ~dropped
         return ShardImages(keys[kept], labels[kept], starts[kept], sizes[kept], buf, skipped, mismatch)
 
-    def _read_runs(self, offsets: np.ndarray, spans: np.ndarray,
-                   report: Optional[Callable[[int], None]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read_runs(self, offsets: np.ndarray, spans: np.ndarray
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read records (sorted by offset) into one buffer: ``(buf, position of each, read in full)``."""
         m = offsets.size
         if not m:
@@ -251,23 +252,17 @@ class RecordFetcher:
         brk[1:] = (offsets[1:] > ends[:-1] + self.GAP) | (offsets[1:] < ends[:-1])
         run_of = np.cumsum(brk) - 1
         first = np.flatnonzero(brk)
-        last = np.append(first[1:], m) - 1
         run_off = offsets[first]
         run_len = np.maximum.reduceat(ends, first) - run_off
         run_dst = np.cumsum(run_len) - run_len
         total = int(run_len.sum())
         if self._read_buf.size < total:
-            self._read_buf = np.empty(int(total * 1.25), dtype=np.uint8)
+            self._read_buf = np.empty(max(total, 2 * self._read_buf.size), dtype=np.uint8)
         buf = self._read_buf[:total]
         view = memoryview(buf)
         fd, preadv = self._fd, os.preadv
-        runs = list(zip(run_dst.tolist(), run_len.tolist(), run_off.tolist()))
-        got: List[int] = []
-        step = self._REPORT_EVERY
-        for c in range(0, len(runs), step):
-            got += [preadv(fd, [view[dst:dst + length]], off) for dst, length, off in runs[c:c + step]]
-            if report is not None:
-                report(int(last[min(c + step, len(runs)) - 1] + 1 - (last[c - 1] + 1 if c else 0)))
+        got = [preadv(fd, [view[dst:dst + length]], off)
+               for dst, length, off in zip(run_dst.tolist(), run_len.tolist(), run_off.tolist())]
         rel = offsets - run_off[run_of]
         return buf, run_dst[run_of] + rel, rel + spans <= np.asarray(got, dtype=np.int64)[run_of]
 
@@ -436,30 +431,40 @@ def _queue_reporter() -> Callable[[int], None]:
 
 def _write_train_shard(job: ShardJob, source: RecordFetcher,
                        report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
+    """Read, check and write the shard a batch of :data:`BATCH` samples (plan order) at a time:
+    the batch's reads, its JPEGs and its tar bytes stay in cache, and memory does not grow
+    with the shard size."""
     stem = mf.shard_stem(job.index)
     train_dir = Path(job.train_dir)
-    images = source.read_shard(job.keys, job.image_size, job.skip_corrupt, report)
-    tar_path, index_path = train_dir / f"{stem}.tar", train_dir / f"{stem}.idx"
-    if images.keys.size and images.keys.min() < 0:  # KEY "-0001": the per-sample writer
-        info = _write_with_tar_writer(images, job.key_digits, tar_path, index_path)
-    else:
-        data, index = pack_jpg_cls(images.keys, job.key_digits, images.labels, images.buf,
-                                   images.starts, images.sizes, out=source.out_buf)
-        source.out_buf = data.base if data.base is not None else data
-        info = write_shard_file(tar_path, data, int(images.keys.size), index_path, index)
-    return {"info": info.as_dict(), "skipped": images.skipped, "size_mismatch": images.size_mismatch,
-            "labels": np.unique(images.labels)}
+    skipped = mismatch = 0
+    labels: List[np.ndarray] = []
+    keys = np.asarray(job.keys, dtype=np.int64)
+    with TarShardWriter(train_dir / f"{stem}.tar", train_dir / f"{stem}.idx") as writer:
+        for start in range(0, keys.size, BATCH):
+            images = source.read_batch(keys[start:start + BATCH], job.image_size, job.skip_corrupt)
+            skipped += images.skipped
+            mismatch += images.size_mismatch
+            labels.append(np.unique(images.labels))
+            if images.keys.size and images.keys.min() < 0:  # KEY "-0001": the per-sample path
+                _add_pairs(writer, images, job.key_digits)
+            else:
+                data, index = pack_jpg_cls(images.keys, job.key_digits, images.labels, images.buf,
+                                           images.starts, images.sizes, writer.tell(), source.out_buf)
+                source.out_buf = data.base if data.base is not None else data
+                writer.add_packed(data, index, int(images.keys.size))
+            if report is not None:
+                report(int(images.keys.size))
+        info = writer.close()
+    return {"info": info.as_dict(), "skipped": skipped, "size_mismatch": mismatch,
+            "labels": np.unique(np.concatenate(labels)) if labels else np.zeros(0, dtype=np.int64)}
 
 
-def _write_with_tar_writer(images: ShardImages, digits: int, tar_path: Path, index_path: Path
-                           ) -> ShardInfo:
+def _add_pairs(writer: TarShardWriter, images: ShardImages, digits: int) -> None:
     buf = images.buf
-    with TarShardWriter(tar_path, index_path) as writer:
-        for key, label, start, size in zip(images.keys.tolist(), images.labels.tolist(),
-                                           images.starts.tolist(), images.sizes.tolist()):
-            writer.add_pair(str(key).zfill(digits), "jpg", buf[start:start + size].tobytes(),
-                            "cls", str(label).encode("ascii"))
-        return writer.close()
+    for key, label, start, size in zip(images.keys.tolist(), images.labels.tolist(),
+                                       images.starts.tolist(), images.sizes.tolist()):
+        writer.add_pair(str(key).zfill(digits), "jpg", buf[start:start + size].tobytes(),
+                        "cls", str(label).encode("ascii"))
 
 
 # --------------------------------------------------------------------------- val sets

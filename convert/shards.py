@@ -22,7 +22,6 @@ one line per sample (consecutive members sharing a basename), offsets of the mem
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ BLOCK = 512
 RECORD = 10240  # GNU tar / tarfile default record size (blocking factor 20): archives end on it
 DALI_INDEX_VERSION = "v1.2"
 _ZEROS = bytes(RECORD)
+_WRITE_CHUNK = 1 << 20  # bytes hashed then written while in cache
 
 
 def _ustar_template() -> Tuple[bytes, int]:
@@ -214,6 +214,31 @@ class TarShardWriter:
         self._pos = o2 + s2 + p2
         self._index(key, f"{ext1} {o1} {s1} {n1} {ext2} {o2} {s2} {n2}")
 
+    def tell(self) -> int:
+        """Bytes in the archive so far: where the next member's header goes."""
+        return self._pos
+
+    def add_packed(self, data, index_text: str, samples: int) -> None:
+        """Append members laid out by :func:`pack_jpg_cls` at :meth:`tell` (the converter's path).
+
+        ``data`` (any buffer, a multiple of 512 bytes) is hashed and written in 1 MiB pieces
+        without being copied; ``index_text`` holds its ``samples`` DALI index lines.
+        """
+        view = memoryview(data).cast("B")
+        if len(view) % BLOCK:
+            raise ValueError(f"packed members must fill whole 512-byte blocks, got {len(view)} bytes")
+        self._flush()
+        for i in range(0, len(view), _WRITE_CHUNK):
+            piece = view[i:i + _WRITE_CHUNK]
+            self._sha.update(piece)
+            while piece:
+                piece = piece[self._file.write(piece):]
+        self._pos += len(view)
+        if samples:
+            self._index_lines.append(index_text[:-1] if index_text.endswith("\n") else index_text)
+            self._count += samples
+            self._last_key = None
+
     def write_sample(self, key: str, members: Sequence[Tuple[str, bytes]]) -> None:
         """Append one sample: ``members`` = ``[(ext, data), ...]`` written as ``key.ext``."""
         for ext, data in members:
@@ -240,7 +265,7 @@ class TarShardWriter:
         self._file.close()
         self._closed = True
         if self.index_path is not None:
-            write_dali_index(self.index_path, self._index_lines)
+            write_dali_index(self.index_path, self._index_lines, self._count)
         os.replace(self._tmp, self.path)
         return ShardInfo(self.path.name, self._count, self._pos, self._sha.hexdigest())
 
@@ -269,12 +294,15 @@ class TarShardWriter:
             self.close()
 
 
-def write_dali_index(path: PathLike, sample_lines: Sequence[str]) -> None:
-    """Write a DALI ``v1.2`` index from per-sample lines, atomically (temp + rename)."""
+def write_dali_index(path: PathLike, sample_lines: Sequence[str], count: Optional[int] = None) -> None:
+    """Write a DALI ``v1.2`` index from per-sample lines, atomically (temp + rename).
+
+    ``count`` (samples) is needed only when an entry of ``sample_lines`` holds several lines.
+    """
     path = Path(path)
     tmp = temp_path_for(path)
     with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        f.write(f"{DALI_INDEX_VERSION} {len(sample_lines)}\n")
+        f.write(f"{DALI_INDEX_VERSION} {len(sample_lines) if count is None else count}\n")
         for line in sample_lines:
             f.write(line)
             f.write("\n")
@@ -368,7 +396,6 @@ def file_sha256(path: PathLike, chunk: int = 1 << 22) -> str:
 # written in large chunks. Same bytes as TarShardWriter.add_pair per sample (tested).
 _TEMPLATE_ARR = np.frombuffer(_TEMPLATE, dtype=np.uint8)
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
-_WRITE_CHUNK = 1 << 20
 
 
 def _decimal(values: np.ndarray, width: int) -> np.ndarray:
@@ -403,28 +430,33 @@ def ustar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def pack_jpg_cls(keys: np.ndarray, key_digits: int, labels: np.ndarray, src, starts: np.ndarray,
-                 sizes: np.ndarray, out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, str]:
-    """A whole train shard: samples ``KEY.jpg`` (bytes ``src[starts[i]:starts[i]+sizes[i]]``) and
-    ``KEY.cls`` (``labels[i]`` in ASCII decimal), KEY = ``keys[i]`` zero-padded to ``key_digits``.
+                 sizes: np.ndarray, offset: int = 0, out: Optional[np.ndarray] = None
+                 ) -> Tuple[np.ndarray, str]:
+    """Lay out a batch of train samples: ``KEY.jpg`` (bytes ``src[starts[i]:starts[i]+sizes[i]]``)
+    and ``KEY.cls`` (``labels[i]`` in ASCII decimal), KEY = ``keys[i]`` zero-padded to ``key_digits``.
 
-    Returns the archive (uint8 array: members, end blocks, padding to a 10 KiB record) and its
-    DALI index text; both byte-identical to what :class:`TarShardWriter` writes with ``add_pair``.
-    The archive is a view of ``out`` when that uint8 buffer is large enough (a writer reuses
-    one buffer for every shard: no page faults on fresh memory), else of a new one.
+    Returns the members' bytes (a uint8 array, whole 512-byte blocks) and their DALI index
+    lines, for an archive where they start at byte ``offset``: what
+    :meth:`TarShardWriter.add_pair` writes for each sample (tested byte for byte). The bytes
+    are a view of ``out`` when that buffer is large enough (reuse it: no fresh pages), else
+    of a new array.
     """
     keys = np.asarray(keys, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     starts = np.asarray(starts, dtype=np.int64)
     sizes = np.asarray(sizes, dtype=np.int64)
     n = keys.size
+    if offset % BLOCK:
+        raise ValueError(f"members start on a 512-byte block, got offset {offset}")
+    if not n:
+        return np.zeros(0, dtype=np.uint8), ""
     digits = key_digits
-    if n and (keys.min() < 0 or labels.min() < 0 or keys.max() >= 10 ** digits):
+    if keys.min() < 0 or labels.min() < 0 or keys.max() >= 10 ** digits:
         raise ValueError(f"pack_jpg_cls takes keys in [0, 10**{digits}) and labels >= 0")
-    key_chars = _decimal(keys, digits)
     names = np.zeros((n, digits + 4), dtype=np.uint8)
-    names[:, :digits] = key_chars
+    names[:, :digits] = _decimal(keys, digits)
     label_digits = np.searchsorted(_POW10[1:], labels, side="right") + 1
-    width = int(label_digits.max()) if n else 1
+    width = int(label_digits.max())
     # left-aligned decimal of each label: digit j is the one of 10**(label_digits-1-j)
     exps = label_digits[:, None] - 1 - np.arange(width)
     label_chars = (labels[:, None] // _POW10[np.maximum(exps, 0)] % 10 + 48).astype(np.uint8)
@@ -433,19 +465,16 @@ def pack_jpg_cls(keys: np.ndarray, key_digits: int, labels: np.ndarray, src, sta
     data_blocks = (sizes + BLOCK - 1) // BLOCK
     first = np.zeros(n + 1, dtype=np.int64)        # block of each sample's .jpg header
     np.cumsum(data_blocks + 3, out=first[1:])
-    members_end = int(first[-1]) * BLOCK
-    end = members_end + 2 * BLOCK
-    end += -end % RECORD
+    end = int(first[-1]) * BLOCK
     if out is None or out.size < end:
-        out = np.empty(max(end, int(end * 1.25) if out is not None else end), dtype=np.uint8)
+        out = np.empty(end, dtype=np.uint8)
     out = out[:end]
     blocks = out.reshape(-1, BLOCK)
     first = first[:-1]
     cls_block = first + 1 + data_blocks
-    # every byte is written below: zero the JPEGs' last blocks (their padding) and the end
+    # every byte is written below: zero the JPEGs' last blocks (their padding) and the .cls data
     blocks[first + data_blocks] = 0
     blocks[cls_block + 1] = 0
-    out[members_end:] = 0
     names[:, digits:] = np.frombuffer(b".jpg", dtype=np.uint8)
     blocks[first] = ustar_headers(names, sizes)
     names[:, digits:] = np.frombuffer(b".cls", dtype=np.uint8)
@@ -459,38 +488,8 @@ def pack_jpg_cls(keys: np.ndarray, key_digits: int, labels: np.ndarray, src, sta
         dst[d:d + s] = view[a:a + s]
 
     line = f"jpg %d %d %0{digits}d.jpg cls %d %d %0{digits}d.cls\n"
-    values = np.stack([jpg_at, sizes, keys, (cls_block + 1) * BLOCK, label_digits, keys], axis=1)
-    index = f"{DALI_INDEX_VERSION} {n}\n" + (line * n) % tuple(values.ravel().tolist())
-    return out, index
+    values = np.stack([offset + jpg_at, sizes, keys, offset + (cls_block + 1) * BLOCK, label_digits,
+                       keys], axis=1)
+    return out, (line * n) % tuple(values.ravel().tolist())
 
 
-def write_shard_file(path: PathLike, data, count: int, index_path: Optional[PathLike] = None,
-                     index_text: Optional[str] = None) -> ShardInfo:
-    """Write a finished archive (and its DALI index) atomically; hashes it while writing.
-
-    ``data`` is written under a temporary name in 1 MiB chunks, each hashed then written while
-    it is in cache; the index is renamed into place first, the archive last.
-    """
-    path = Path(path)
-    tmp = temp_path_for(path)
-    view = memoryview(data).cast("B")
-    sha = hashlib.sha256()
-    try:
-        with open(tmp, "wb", buffering=0) as f:
-            for i in range(0, len(view), _WRITE_CHUNK):
-                piece = view[i:i + _WRITE_CHUNK]
-                sha.update(piece)
-                while piece:
-                    piece = piece[f.write(piece):]
-        if index_path is not None:
-            index_path = Path(index_path)
-            index_tmp = temp_path_for(index_path)
-            with open(index_tmp, "w", encoding="ascii", newline="\n") as f:
-                f.write(index_text or f"{DALI_INDEX_VERSION} 0\n")
-            os.replace(index_tmp, index_path)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return ShardInfo(path.name, count, len(view), sha.hexdigest())

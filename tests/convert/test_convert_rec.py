@@ -232,14 +232,14 @@ def test_corrupt_record_fails_cleanly_with_workers(src, tmp_path):
 # A conversion that pauses after each shard, so it can be killed in the middle.
 _SLOW_CONVERT = textwrap.dedent("""
     import sys, time
+    from lresnet.convert import shards
     from lresnet.convert.convert_rec import convert_rec
-    cr = sys.modules["lresnet.convert.convert_rec"]  # the module (the package exports the function)
-    write = cr.write_shard_file
-    def slow_write(*args, **kwargs):
-        info = write(*args, **kwargs)
+    close = shards.TarShardWriter.close
+    def slow_close(self):
+        info = close(self)
         time.sleep(0.15)
         return info
-    cr.write_shard_file = slow_write
+    shards.TarShardWriter.close = slow_close
     convert_rec(sys.argv[1], sys.argv[2], shard_size=3, workers=int(sys.argv[3]), sets=[])
 """)
 

@@ -21,7 +21,6 @@ from lresnet.convert.shards import (
     remove_stale_temp_files,
     split_member_name,
     ustar_header,
-    write_shard_file,
 )
 
 SAMPLES = [
@@ -206,8 +205,8 @@ def test_dali_index_matches_gnu_tar_block_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("count", [0, 1, 40])
-def test_pack_jpg_cls_is_byte_identical_to_add_pair(tmp_path, count):
-    """The converter's whole-shard packer writes what add_pair writes, also into a dirty buffer."""
+def test_packed_batches_are_byte_identical_to_add_pair(tmp_path, count):
+    """The converter's batch packer writes what add_pair writes, also into a dirty buffer."""
     rng = np.random.default_rng(count)
     datas = [os.urandom(n) for n in rng.choice([0, 1, 511, 512, 513, 6400, 10240], count)]
     keys = rng.choice(10 ** 9, count, replace=False).astype(np.int64)
@@ -218,11 +217,17 @@ def test_pack_jpg_cls_is_byte_identical_to_add_pair(tmp_path, count):
     with TarShardWriter(tmp_path / "a.tar", tmp_path / "a.idx") as w:
         for k, label, d in zip(keys.tolist(), labels.tolist(), datas):
             w.add_pair(str(k).zfill(9), "jpg", d, "cls", str(label).encode())
-    dirty = np.full(1 << 20, 0xAA, dtype=np.uint8)
-    for out in (None, dirty):
-        data, index = pack_jpg_cls(keys, 9, labels, src, starts, sizes, out=out)
-        info = write_shard_file(tmp_path / "b.tar", data, count, tmp_path / "b.idx", index)
+    for out in (None, np.full(1 << 20, 0xAA, dtype=np.uint8)):
+        with TarShardWriter(tmp_path / "b.tar", tmp_path / "b.idx") as w:
+            for lo, hi in ((0, count // 3), (count // 3, count)):  # two batches
+                part = slice(lo, hi)
+                data, index = pack_jpg_cls(keys[part], 9, labels[part], src, starts[part], sizes[part],
+                                           w.tell(), out)
+                w.add_packed(data, index, hi - lo)
+            info = w.close()
         assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
         assert (tmp_path / "b.idx").read_bytes() == (tmp_path / "a.idx").read_bytes()
         assert info.sha256 == file_sha256(tmp_path / "a.tar") and info.count == count
+    with pytest.raises(ValueError, match=r"keys in \[0, 10\*\*9\)"):
+        pack_jpg_cls(np.array([10 ** 9]), 9, np.array([0]), b"x", np.array([0]), np.array([1]))
     assert not list(tmp_path.glob(".*.tmp"))
