@@ -56,23 +56,37 @@ class _EpochStream(IterableDataset):
         self.shards, self.config, self.world = shards, config, world
         self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+    def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         roles, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         # the DataLoader asks worker 0 first; after a resume at batch k that must be role k % roles
         role = (worker + self.start_batch) % roles
         batches = train_pipeline(self.shards, self.config, self.world, self.epoch, role, roles,
                                  start_batch=self.start_batch, shared=info is not None)
-        return batches if info is None else _carry_input_errors(batches)
+        return batches if info is None else _send_from_ring(batches, worker)
 
 
-def _carry_input_errors(batches: Iterator[tuple]) -> Iterator[tuple]:
-    # The DataLoader re-raises a worker's exception as RuntimeError(traceback text) when the
-    # exception cannot be rebuilt from one string, as InputError cannot; send its parts instead.
+def _send_from_ring(batches: Iterator[tuple], worker: int) -> Iterator[tuple]:
+    """In a worker: `(images, labels, faults, slot)`, the tensors only the first time a ring buffer is used.
+
+    Sending a shared-memory tensor costs a file-descriptor transfer over a socket in the worker and
+    an mmap plus page faults in the main process, ~11 us per image in all; after the first round the
+    main process already holds every buffer of the ring (TrainLoader keeps them by `slot`), so a batch
+    is sent as its slot alone. The DataLoader re-raises a worker's exception as RuntimeError(traceback
+    text) when it cannot be rebuilt from one string, as InputError cannot: its parts are sent instead,
+    as `(None, None, (path, message, where), None)`.
+    """
+    sent: set[int] = set()
     try:
-        yield from batches
+        for images, labels, faults in batches:
+            slot = (worker, images.data_ptr())
+            if slot[1] in sent:
+                yield None, None, faults, slot
+            else:
+                sent.add(slot[1])
+                yield images, labels, faults, slot
     except InputError as err:
-        yield None, None, (err.path, err.message, err.where)
+        yield None, None, (err.path, err.message, err.where), None
 
 
 @dataclass
@@ -170,25 +184,34 @@ class TrainLoader:
             logger.warning("skipped bad input: %s", fault)
 
     def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        """This epoch's `(images, labels, faults)` from `start`; from workers, still in their ring buffers."""
         stream = _EpochStream(self.shards, self.config, self.world, self.epoch, start)
         if self.config.workers == 0:
-            return iter(stream)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.config.workers, pin_memory=self._pin,
+            yield from stream
+            return
+        loader = DataLoader(stream, batch_size=None, num_workers=self.config.workers, pin_memory=False,
                             prefetch_factor=self.config.prefetch_factor, persistent_workers=False)
-        return iter(loader)
+        ring: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for images, labels, faults, slot in loader:
+            if slot is None:
+                raise InputError(*faults)
+            slot = tuple(slot)  # the DataLoader hands tuples on as lists
+            if images is None:
+                images, labels = ring[slot]
+            else:
+                ring[slot] = images, labels
+            yield images, labels, faults
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._position >= self._len:
             self._position = 0  # an iterator started at the end of an epoch runs it again
         for images, labels, faults in self._batches(self._position):
-            if images is None:
-                raise InputError(*faults)
             if faults:
                 self._record(faults)
-            if self._pin and self.config.workers == 0:
+            if self._pin:
                 images, labels = images.pin_memory(), labels.pin_memory()
-            elif not self._pin and self.config.workers > 0:
-                # the worker reuses its shared buffers (stages.decode ring); pinning copies, this too
+            elif self.config.workers > 0:
+                # the worker reuses its shared buffers (stages.decode ring): copy out before it does
                 images, labels = images.clone(), labels.clone()
             self._position += 1
             yield images, labels
