@@ -92,11 +92,11 @@ class ConvertSummary:
 # --------------------------------------------------------------------------- plan
 def shuffle_plan(keys: Union[Sequence[int], np.ndarray], seed: int, shuffle: bool = True) -> np.ndarray:
     """The order samples are written in: a seeded permutation of ``keys`` (int64)."""
-    arr = np.asarray(keys, dtype=np.int64)
-    if not shuffle:
-        return arr.copy()
-    rng = np.random.Generator(np.random.PCG64(seed))
-    return arr[rng.permutation(arr.shape[0])]
+    plan = np.array(keys, dtype=np.int64)  # a copy
+    if shuffle:
+        # in place: the same order as plan[rng.permutation(n)] (same swaps), without an index array
+        np.random.Generator(np.random.PCG64(seed)).shuffle(plan)
+    return plan
 
 
 def shard_slices(n: int, shard_size: int) -> List[Tuple[int, int]]:

@@ -203,6 +203,7 @@ class RecordReader:
         self._key_arr: Optional[np.ndarray] = None
         self._off_arr: Optional[np.ndarray] = None
         self._span_arr: Optional[np.ndarray] = None
+        self._ascending: Optional[bool] = None  # offsets in file order (set on first use)
         if self.idx_path is not None:
             self._load_idx()
 
@@ -362,7 +363,23 @@ class RecordReader:
         if not n:
             zeros = np.zeros(keys.shape, dtype=np.int64)
             return found, zeros, zeros.copy()
-        return (found, np.where(found, all_offsets[pos], 0), np.where(found, self.spans()[pos], 0))
+        return found, np.where(found, all_offsets[pos], 0), np.where(found, self._spans_at(pos), 0)
+
+    def _offsets_ascending(self) -> bool:
+        if self._ascending is None:
+            offsets = self._index()[1]
+            self._ascending = bool(offsets.size < 2 or np.all(offsets[1:] >= offsets[:-1]))
+        return self._ascending
+
+    def _spans_at(self, pos: np.ndarray) -> np.ndarray:
+        """Spans of the records at index positions ``pos``, without a span array when the
+        offsets are in file order (the usual case): the next record's offset minus this one's."""
+        if self._span_arr is not None or not self._offsets_ascending():
+            return self.spans()[pos]
+        offsets = self._index()[1]
+        nxt = pos + 1
+        ends = np.where(nxt < offsets.size, offsets[np.minimum(nxt, offsets.size - 1)], self.size)
+        return ends - offsets[pos]
 
     def _position(self, key: int) -> int:
         keys, _ = self._index()
@@ -384,16 +401,17 @@ class RecordReader:
 
     def span(self, key: int) -> int:
         """Bytes record ``key`` occupies in the ``.rec`` (all parts and padding)."""
-        return int(self.spans()[self._position(key)])
+        return int(self._spans_at(np.array([self._position(key)]))[0])
 
     def spans(self) -> np.ndarray:
         """Bytes each record occupies (parts and padding), aligned with :attr:`keys`.
 
         With an ``.idx`` a record's span runs to the next offset in the file: cheap, no payload read.
+        (8 bytes a record, kept once computed: :meth:`locate` and :meth:`span` do without it.)
         """
         if self._span_arr is None:
             _, offsets = self._index()
-            if offsets.size < 2 or np.all(offsets[1:] >= offsets[:-1]):  # the usual: file order
+            if self._offsets_ascending():
                 self._span_arr = np.diff(offsets, append=self.size)
             else:
                 order = np.argsort(offsets, kind="stable")

@@ -382,3 +382,12 @@ def test_plan_holds_only_keys():
     plan = shuffle_plan(range(10, 1010), seed=0)
     assert plan.dtype == np.int64 and sorted(plan.tolist()) == list(range(10, 1010))
     assert np.array_equal(plan, shuffle_plan(list(range(10, 1010)), seed=0))
+
+
+def test_plan_order_is_stable_across_versions():
+    """The in-place shuffle gives the order earlier versions wrote (keys[permutation(n)]):
+    shards recorded by them stay resumable."""
+    keys = np.arange(7, 5007, dtype=np.int64)
+    expected = keys[np.random.Generator(np.random.PCG64(5)).permutation(keys.size)]
+    assert np.array_equal(shuffle_plan(keys, seed=5), expected)
+    assert np.array_equal(keys, np.arange(7, 5007))  # the caller's keys are left alone
