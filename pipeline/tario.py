@@ -9,12 +9,15 @@ to the first dot of its basename, the extension is the rest (`000123.jpg` -> `00
 
 from __future__ import annotations
 
+import struct
 import zlib
 from typing import BinaryIO, Iterator, Optional
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
+# name, size, checksum, type flag, magic, prefix: the fields of a ustar header the reader needs
+_FIELDS = struct.Struct("100s24x12s12x8s1s100x5s83x155s12x")
 
 
 class TarReadError(Exception):
@@ -50,6 +53,14 @@ def _pax_records(data: bytes) -> dict[str, str]:
         records[key.decode("utf-8")] = value.decode("utf-8")
         pos += length
     return records
+
+
+def _header_name(name: bytes, magic: bytes, prefix: bytes) -> str:
+    end = name.find(0)
+    text = (name if end < 0 else name[:end]).decode("utf-8")
+    if prefix[0] and magic == b"ustar":
+        return prefix.split(b"\0", 1)[0].decode("utf-8") + "/" + text
+    return text
 
 
 def _checksum_field(field: bytes) -> int:
@@ -117,17 +128,16 @@ def read_samples(stream: BinaryIO, skip: int = 0, limit: Optional[int] = None,
             break  # end of file without the end-of-archive blocks: accepted, as GNU tar does
         if header[0] == 0 and header == _ZERO_BLOCK:
             break
-        field = header[148:156]
+        name, size_field, field, kind, magic, prefix = _FIELDS.unpack(header)
         expected = known_sums.get(field)
         if expected is None:
             expected = known_sums[field] = _checksum_field(field)
         if (zlib.adler32(header) & 0xFFFF) != expected:
             raise TarReadError("tar header checksum mismatch (not a tar file, or garbled)", offset, key)
         try:
-            size = int(header[124:135], 8) if header[135] in (0, 32) else _octal(header[124:136])
+            size = int(size_field[:11], 8) if size_field[11] in (0, 32) else _octal(size_field)
         except ValueError:
             raise TarReadError("tar header has a bad size field", offset, key) from None
-        kind = header[156:157]
         offset += BLOCK
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         if kind in (b"x", b"L", b"g"):
@@ -140,28 +150,24 @@ def read_samples(stream: BinaryIO, skip: int = 0, limit: Optional[int] = None,
             elif kind == b"L":
                 long_name = data[:size].split(b"\0", 1)[0].decode("utf-8")
             continue
-        if "size" in pax:
-            size = int(pax["size"])
-            padded = (size + BLOCK - 1) & ~(BLOCK - 1)
-        if long_name is not None:
-            name = long_name
-        elif "path" in pax:
-            name = pax["path"]
-        else:
-            end = header.find(0, 0, 100)
-            name = header[:end if end >= 0 else 100].decode("utf-8")
-            if header[345] and header[257:262] == b"ustar":
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-        long_name = None
-        if pax:
+        if pax or long_name is not None:  # extended headers override the name and size
+            if "size" in pax:
+                size = int(pax["size"])
+                padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+            name = long_name if long_name is not None else pax.get("path") or _header_name(name, magic, prefix)
+            long_name = None
             pax = {}
+        else:
+            name = _header_name(name, magic, prefix)
         if kind not in _REGULAR:
             got = _skip(stream, padded, seekable)
             offset += got
             continue
-        slash = name.rfind("/")
-        dot = name.find(".", slash + 1)
-        member_key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+        if "/" in name:
+            dot = name.find(".", name.rfind("/") + 1)
+            member_key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+        else:
+            member_key, _, ext = name.partition(".")
         if member_key != key:
             if key is not None:
                 if index >= skip:

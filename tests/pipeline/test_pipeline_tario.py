@@ -35,8 +35,8 @@ def test_reads_what_tarfile_wrote():
                for i, (_, parts) in enumerate(samples))
 
 
-@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_long_names_in_pax_and_gnu_headers(fmt):
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_names_in_pax_gnu_and_ustar_prefix_headers(fmt):
     long_dir = "d" * 120 + "/"
     members = [(long_dir + "k1.a.jpg", b"A"), (long_dir + "k1.same", b"1"), (long_dir + "k2.a.jpg", b"B")]
     samples = list(read_samples(io.BytesIO(_tar(members, fmt, with_dir=True))))
