@@ -90,9 +90,13 @@ class ConvertSummary:
 
 
 # --------------------------------------------------------------------------- plan
-def shuffle_plan(keys: Union[Sequence[int], np.ndarray], seed: int, shuffle: bool = True) -> np.ndarray:
+def shuffle_plan(keys: Union[Sequence[int], np.ndarray, range], seed: int, shuffle: bool = True
+                 ) -> np.ndarray:
     """The order samples are written in: a seeded permutation of ``keys`` (int64)."""
-    plan = np.array(keys, dtype=np.int64)  # a copy
+    if isinstance(keys, range):
+        plan = np.arange(keys.start, keys.stop, keys.step, dtype=np.int64)
+    else:
+        plan = np.array(keys, dtype=np.int64)  # a copy
     if shuffle:
         # in place: the same order as plan[rng.permutation(n)] (same swaps), without an index array
         np.random.Generator(np.random.PCG64(seed)).shuffle(plan)
@@ -551,7 +555,7 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
     try:
         num_classes = int(source.num_classes)
         image_size = (int(source.image_size[0]), int(source.image_size[1]))
-        keys = source.image_key_array
+        keys = source.image_key_range if source.image_key_range is not None else source.image_key_array
         bins = {k: Path(v) for k, v in source.bin_files().items()}
     except BaseException:
         source.close()

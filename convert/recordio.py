@@ -201,6 +201,7 @@ class RecordReader:
         self._pid = -1
         # keys ascending (int64) and their offsets; spans = bytes per record, computed on demand
         self._key_arr: Optional[np.ndarray] = None
+        self._key_first: Optional[int] = None  # keys are first .. first + n - 1: no key array
         self._off_arr: Optional[np.ndarray] = None
         self._span_arr: Optional[np.ndarray] = None
         self._ascending: Optional[bool] = None  # offsets in file order (set on first use)
@@ -258,7 +259,7 @@ class RecordReader:
             dup = np.flatnonzero(keys[1:] == keys[:-1])
             if dup.size:
                 raise InputError(self.idx_path, f"duplicate key {int(keys[dup[0]])}")
-        self._key_arr, self._off_arr = keys, offsets
+        self._set_index(keys, offsets)
 
     def _parse_idx_fast(self, text: bytes) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """Vectorised parse of well-formed ``.idx`` lines; None means: parse line by line for the error."""
@@ -325,49 +326,72 @@ class RecordReader:
                 offsets.append(start)
                 spans.append(pos - start)
                 key += 1
-        self._key_arr = np.arange(len(offsets), dtype=np.int64)
+        self._key_first = 0
         self._off_arr = np.frombuffer(offsets, dtype=np.int64).copy()
         self._span_arr = np.frombuffer(spans, dtype=np.int64).copy()
 
-    def _index(self) -> Tuple[np.ndarray, np.ndarray]:
-        if self._key_arr is None:
+    def _set_index(self, keys: np.ndarray, offsets: np.ndarray) -> None:
+        n = keys.size
+        if n and int(keys[-1]) - int(keys[0]) == n - 1:  # ascending and unique: consecutive
+            self._key_first, self._key_arr = int(keys[0]), None
+        else:
+            self._key_first, self._key_arr = None, keys
+        self._off_arr = offsets
+
+    def _offsets(self) -> np.ndarray:
+        if self._off_arr is None:
             self._scan_keys()
-        return self._key_arr, self._off_arr
+        return self._off_arr
+
+    @property
+    def key_range(self) -> Optional[range]:
+        """The keys as a ``range`` when they are consecutive (the usual case), else None."""
+        n = self._offsets().size
+        return None if self._key_first is None else range(self._key_first, self._key_first + n)
 
     @property
     def key_array(self) -> np.ndarray:
-        """All record keys, ascending, as int64 (from the ``.idx``, or record ordinals from a scan)."""
-        return self._index()[0]
+        """All record keys, ascending, as int64 (from the ``.idx``, or record ordinals from a scan).
+
+        A new array when the keys are consecutive (only offsets are kept then).
+        """
+        r = self.key_range
+        return self._key_arr if r is None else np.arange(r.start, r.stop, dtype=np.int64)
 
     @property
     def keys(self) -> List[int]:
         """All record keys, ascending, as a new list (use :attr:`key_array` on large files)."""
         return self.key_array.tolist()
 
+    def _positions(self, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(found, index positions)`` of ``keys`` (positions 0 where not found)."""
+        n = self._offsets().size
+        if self._key_first is not None:
+            pos = keys - self._key_first
+            found = (pos >= 0) & (pos < n)
+        else:
+            all_keys = self._key_arr
+            pos = np.searchsorted(all_keys, keys)
+            found = pos < n
+            found[found] = all_keys[pos[found]] == keys[found]
+        return found, np.where(found, pos, 0)
+
     def locate(self, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectorised :meth:`offset`/:meth:`span`: ``(found, offsets, spans)`` for int64 ``keys``.
 
         ``offsets``/``spans`` are 0 where ``found`` is False (no record with that key).
         """
-        all_keys, all_offsets = self._index()
         keys = np.asarray(keys, dtype=np.int64)
-        n = all_keys.size
-        if n and all_keys[-1] - all_keys[0] == n - 1:  # contiguous keys: direct index
-            pos = keys - all_keys[0]
-            found = (pos >= 0) & (pos < n)
-        else:
-            pos = np.searchsorted(all_keys, keys)
-            found = pos < n
-            found[found] = all_keys[pos[found]] == keys[found]
-        pos = np.where(found, pos, 0)
-        if not n:
+        all_offsets = self._offsets()
+        found, pos = self._positions(keys)
+        if not all_offsets.size:
             zeros = np.zeros(keys.shape, dtype=np.int64)
             return found, zeros, zeros.copy()
         return found, np.where(found, all_offsets[pos], 0), np.where(found, self._spans_at(pos), 0)
 
     def _offsets_ascending(self) -> bool:
         if self._ascending is None:
-            offsets = self._index()[1]
+            offsets = self._offsets()
             self._ascending = bool(offsets.size < 2 or np.all(offsets[1:] >= offsets[:-1]))
         return self._ascending
 
@@ -376,28 +400,21 @@ class RecordReader:
         offsets are in file order (the usual case): the next record's offset minus this one's."""
         if self._span_arr is not None or not self._offsets_ascending():
             return self.spans()[pos]
-        offsets = self._index()[1]
+        offsets = self._offsets()
         nxt = pos + 1
         ends = np.where(nxt < offsets.size, offsets[np.minimum(nxt, offsets.size - 1)], self.size)
         return ends - offsets[pos]
 
     def _position(self, key: int) -> int:
-        keys, _ = self._index()
-        n = len(keys)
-        if n and keys[-1] - keys[0] == n - 1:  # contiguous keys (the usual case): direct index
-            i = int(key) - int(keys[0])
-            if 0 <= i < n:
-                return i
-        else:
-            i = int(np.searchsorted(keys, key))
-            if i < n and keys[i] == key:
-                return i
+        found, pos = self._positions(np.array([int(key)], dtype=np.int64))
+        if found[0]:
+            return int(pos[0])
         where = self.idx_path if self.idx_path is not None else self.rec_path
         raise InputError(where, f"no record with key {key}")
 
     def offset(self, key: int) -> int:
         """Byte offset of record ``key``."""
-        return int(self._index()[1][self._position(key)])
+        return int(self._offsets()[self._position(key)])
 
     def span(self, key: int) -> int:
         """Bytes record ``key`` occupies in the ``.rec`` (all parts and padding)."""
@@ -410,7 +427,7 @@ class RecordReader:
         (8 bytes a record, kept once computed: :meth:`locate` and :meth:`span` do without it.)
         """
         if self._span_arr is None:
-            _, offsets = self._index()
+            offsets = self._offsets()
             if self._offsets_ascending():
                 self._span_arr = np.diff(offsets, append=self.size)
             else:
@@ -422,7 +439,7 @@ class RecordReader:
         return self._span_arr
 
     def __len__(self) -> int:
-        return int(self.key_array.size)
+        return int(self._offsets().size)
 
     # -- reading ----------------------------------------------------------------------------
     def _file(self) -> BinaryIO:
@@ -561,6 +578,8 @@ class FacesEmore:
         image_key_array: keys of the image records (int64), from the header record wherever
             it is (or, without one, every record that holds an image); ``image_keys`` is the
             same as a new list.
+        image_key_range: the same keys as a ``range`` when they are consecutive (faces_emore:
+            1 .. first identity - 1), else None; then nothing per image is kept.
         header_key: key of the header record, or None.
         identity_keys: ``range`` of the identity records (empty without a header).
 
@@ -586,7 +605,16 @@ class FacesEmore:
         self.reader = RecordReader(self.rec_path, self.idx_path)
         self.header_key: Optional[int] = None
         self.identity_keys: range = range(0)
-        self.image_key_array = self._find_images()
+        keys = self._find_images()
+        self.image_key_range: Optional[range] = None
+        self._image_key_arr: Optional[np.ndarray] = None
+        if isinstance(keys, range):
+            self.image_key_range = keys
+        elif keys.size and int(keys[-1]) - int(keys[0]) == keys.size - 1:
+            self.image_key_range = range(int(keys[0]), int(keys[-1]) + 1)
+        else:
+            self._image_key_arr = keys
+        del keys
         self._check_image_size()
 
     def _read_property(self) -> Tuple[int, Tuple[int, int]]:
@@ -628,18 +656,23 @@ class FacesEmore:
             return None
         return start, end
 
-    def _find_images(self) -> np.ndarray:
-        key_arr = self.reader.key_array
-        if not key_arr.size:
+    def _find_images(self) -> Union[range, np.ndarray]:
+        n = len(self.reader)
+        if not n:
             raise InputError(self.rec_path, "no records")
+        keys = self.reader.key_range
+        key_arr = self.reader.key_array if keys is None else None
+        ends = (keys[0], keys[-1]) if keys is not None else (int(key_arr[0]), int(key_arr[-1]))
         found = None
         # Usually key 0; some writers put it last. Only then look at every small record.
-        for key in dict.fromkeys((int(key_arr[0]), int(key_arr[-1]))):
+        for key in dict.fromkeys(ends):
             if self.reader.span(key) <= _SMALL_RECORD:
                 found = self._header_at(key)
                 if found is not None:
                     break
         small = self.reader.spans() <= _SMALL_RECORD if found is None else None
+        if found is None and key_arr is None:
+            key_arr = self.reader.key_array
         if found is None:
             for key in key_arr[small].tolist():
                 found = self._header_at(key)
@@ -659,10 +692,17 @@ class FacesEmore:
             raise InputError(self.property_path,
                              f"property says {self.num_classes} classes but the header record "
                              f"(key {key}) of {self.rec_path.name} lists {end - start} identities")
+        if keys is not None:  # consecutive keys: the images are a range unless the header splits it
+            lo, hi = keys.start, min(start, keys.stop)
+            if key == lo:
+                return range(lo + 1, max(lo + 1, hi))
+            if not lo < key < hi:
+                return range(lo, max(lo, hi))
+            key_arr = self.reader.key_array
         return key_arr[(key_arr < start) & (key_arr != key)]
 
     def _check_image_size(self) -> None:
-        if not self.image_key_array.size:
+        if not self.num_images:
             raise InputError(self.rec_path, "no image records")
         key = int(self.image_key_array[0])
         _, jpeg = self.read_image(key)
@@ -673,6 +713,14 @@ class FacesEmore:
                              f"record {key} of {self.rec_path.name} is {size[0]}x{size[1]}")
 
     @property
+    def image_key_array(self) -> np.ndarray:
+        """Keys of the image records, ascending (int64; a new array when they are a range)."""
+        if self._image_key_arr is not None:
+            return self._image_key_arr
+        r = self.image_key_range
+        return np.arange(r.start, r.stop, dtype=np.int64)
+
+    @property
     def image_keys(self) -> List[int]:
         """Keys of the image records as a new list (use :attr:`image_key_array` on large sets)."""
         return self.image_key_array.tolist()
@@ -680,7 +728,9 @@ class FacesEmore:
     @property
     def num_images(self) -> int:
         """Number of image records."""
-        return int(self.image_key_array.size)
+        if self.image_key_range is not None:
+            return len(self.image_key_range)
+        return int(self._image_key_arr.size)
 
     def decode_image_record(self, key: int, record: bytes) -> Tuple[int, bytes]:
         """``(class id, JPEG bytes)`` from a raw record (validated like :meth:`read_image`)."""

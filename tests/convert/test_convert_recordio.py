@@ -117,6 +117,7 @@ def test_sparse_unordered_keys(tmp_path):
         assert r.read(k) == data
     with pytest.raises(InputError, match="t.idx: no record with key 8"):
         r.read(8)
+    assert r.key_range is None and r.key_array.tolist() == sorted(keys) and len(r) == len(keys)
 
 
 def test_reader_pickles_without_handle(tmp_path):
@@ -274,6 +275,9 @@ def test_faces_emore_header_lookup_and_labels(tmp_path, header_key, multi):
         assert len(fe.identity_keys) == 3
         for key, (cls, jpeg) in images.items():
             assert fe.read_image(key) == (cls, jpeg)
+        # consecutive keys: kept as ranges, no per-record key arrays
+        assert fe.reader.key_range == range(0, 10) and fe.image_key_range == range(min(images), max(images) + 1)
+        assert fe.image_key_array.tolist() == sorted(images) and fe.num_images == len(images)
 
 
 def test_faces_emore_without_idx_scans(tmp_path):
