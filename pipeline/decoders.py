@@ -8,7 +8,7 @@ A decoder may also have `into(data, out, mirror)`, decoding straight into a batc
 from __future__ import annotations
 
 import io
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import simplejpeg
@@ -27,17 +27,19 @@ def _check_shape(shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
 class SimpleJpegDecoder:
     """Decode with simplejpeg (libjpeg-turbo bundled in the wheel).
 
-    Besides `decoder(data) -> array`, `decoder.into(data, out, mirror)` decodes straight into `out`
-    (a slot of the batch buffer): no array per image, no copy into the batch. With `mirror` it writes
-    the image left-right mirrored in the one copy it makes anyway: decoded as BGR, every row read
-    backwards byte by byte is the RGB row mirrored.
+    Besides `decoder(data) -> array`, `decoder.into(data, out, mirror)` decodes into `out` (a slot of
+    the batch buffer) with no array made per image. libjpeg writes its output row by row, which is
+    slow into memory that is not in the cache (a batch is megabytes); so it decodes into one small
+    scratch image, which stays in the cache, and copies that into the slot in one pass. With
+    `mirror` the copy is the mirrored image: decoded as BGR, every row read backwards byte by byte
+    is the RGB row mirrored.
     """
 
     def __init__(self) -> None:
-        self._scratch: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}
+        self._scratch: Optional[tuple[np.ndarray, torch.Tensor, tuple[int, int]]] = None
 
     def __getstate__(self) -> dict:
-        return {"_scratch": {}}
+        return {"_scratch": None}
 
     def __call__(self, data: bytes) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -48,22 +50,25 @@ class SimpleJpegDecoder:
         Raises:
             ValueError: not a JPEG, or not of out's size (the message says which size it is).
         """
+        scratch = self._scratch
+        if scratch is None or scratch[0].shape != out.shape:
+            array = np.empty(out.shape, np.uint8)
+            rows = (out.shape[0], out.size // out.shape[0])
+            scratch = self._scratch = (array, torch.from_numpy(array.reshape(rows)), rows)
         try:
-            if not mirror:
-                _check_shape(simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out).shape, out.shape)
-                return
-            scratch = self._scratch.get(out.shape)
-            if scratch is None:
-                array = np.empty(out.shape, np.uint8)
-                scratch = self._scratch[out.shape] = (array, torch.from_numpy(array.reshape(out.shape[0], -1)))
-            _check_shape(simplejpeg.decode_jpeg(data, colorspace="BGR", buffer=scratch[0]).shape, out.shape)
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR" if mirror else "RGB", buffer=scratch[0])
         except ValueError as err:
             if "too small" not in str(err):
                 raise
             height, width = simplejpeg.decode_jpeg_header(data)[:2]  # a larger image: say which size
             _check_shape((height, width, 3), out.shape)
             raise
-        out.reshape(out.shape[0], -1)[...] = scratch[1].flip(1).numpy()
+        if image.shape != out.shape:
+            _check_shape(image.shape, out.shape)
+        if mirror:
+            np.copyto(out.reshape(scratch[2]), scratch[1].flip(1).numpy())
+        else:
+            np.copyto(out, scratch[0])
 
 
 decode_simplejpeg = SimpleJpegDecoder()
