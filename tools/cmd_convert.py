@@ -175,6 +175,74 @@ print(json.dumps({"seconds": dt, "cpu_seconds": cpu_s, "images": s.num_samples, 
 """
 
 
+# The per-record state of convert-rec's main process (record index + shuffle plan) at a size
+# like faces_emore's 5.8M records, on an index-only set: tiny records with fake JPEG payloads.
+_RSS_INDEX_CHILD = """
+import json, resource, sys
+from lresnet.convert.convert_rec import shuffle_plan
+from lresnet.convert.recordio import FacesEmore
+def hwm():
+    with open("/proc/self/status") as f:
+        return next((int(l.split()[1]) for l in f if l.startswith("VmHWM:")),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+base = hwm()
+fe = FacesEmore(sys.argv[1])
+keys = fe.image_key_range if fe.image_key_range is not None else fe.image_key_array
+plan = shuffle_plan(keys, 0)
+print(json.dumps({"records": int(plan.size), "rss_kb": hwm(), "rss_imports_kb": base}))
+"""
+
+
+def _ensure_index_only(data_dir: Path, records: int) -> Path:
+    """A faces_emore folder of ``records`` tiny image records (40-byte fake JPEGs), 68 per class,
+    written with numpy in seconds; only the record index matters for what it measures."""
+    marker = data_dir / "bench.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("records") == records:
+        return data_dir
+    import struct
+
+    import numpy as np
+
+    from lresnet.convert.recordio import MAGIC, RecordWriter
+
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+    classes = max(1, records // 68)
+    image = np.zeros((records, 72), dtype=np.uint8)  # part header + IRHeader + 40-byte payload
+    image[:, 0:8] = np.frombuffer(struct.pack("<II", MAGIC, 64), dtype=np.uint8)
+    image[:, 12:16] = (np.arange(records) % classes).astype("<f4").view(np.uint8).reshape(-1, 4)
+    image[:, 32:34] = (0xFF, 0xD8)
+    with RecordWriter(data_dir / "head.rec") as w:
+        w.write(0, struct.pack("<IfQQ2f", 2, 0.0, 0, 0, records + 1, records + 1 + classes))
+        head = w.tell()
+        for c in range(classes):
+            lo = 1 + c * 68
+            w.write(0, struct.pack("<IfQQ2f", 2, 0.0, 0, 0, lo, min(records + 1, lo + 68)))
+    raw = (data_dir / "head.rec").read_bytes()
+    (data_dir / "head.rec").unlink()
+    with open(data_dir / "train.rec", "wb") as f:
+        f.write(raw[:head])
+        f.write(image.data)
+        f.write(raw[head:])
+    ident = head + 72 * records + (len(raw) - head) // max(1, classes) * np.arange(classes)
+    offsets = np.concatenate([[0], head + 72 * np.arange(records), ident])
+    with open(data_dir / "train.idx", "w", encoding="ascii") as f:
+        for lo in range(0, offsets.size, 1 << 20):
+            part = offsets[lo:lo + (1 << 20)].tolist()
+            f.write("".join(f"{lo + i}\t{o}\n" for i, o in enumerate(part)))
+    (data_dir / "property").write_text(f"{classes},112,112\n")
+    marker.write_text(json.dumps({"records": records}))
+    return data_dir
+
+
+def _index_rss(src: Path) -> Dict:
+    proc = subprocess.run([sys.executable, "-c", _RSS_INDEX_CHILD, str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench index RSS failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _ensure_synth(data_dir: Path, images: int, seed: int) -> Path:
     """A synthetic faces_emore of about ``images`` images in ``data_dir`` (reused if already there)."""
     marker = data_dir / "bench.json"
@@ -223,6 +291,10 @@ def bench_convert_command(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="cache folder for the synthetic "
                                             "sets (reused when present); default: a temp folder"),
     seed: int = typer.Option(0, "--seed", help="synthesis seed"),
+    index_records: int = typer.Option(5_800_000, "--index-records", help="also measure the main "
+                                      "process's per-record state (record index + shuffle plan) on an "
+                                      "index-only set of this many tiny records (faces_emore: 5.8M); "
+                                      "0 skips it"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
     """Conversion throughput vs a plain copy of the same .rec, and peak RSS at two dataset sizes."""
@@ -248,6 +320,10 @@ def bench_convert_command(
         copy_s.append(_timed_copy(rec, work / "copy.rec"))
         console.print("converting (small set) ...")
         conv_small = _convert_in_child(small, work / "out-small", workers, shard_size)
+        index_rss = {}
+        if index_records > 0:
+            console.print(f"index-only set of {index_records:,} records (main-process state) ...")
+            index_rss = _index_rss(_ensure_index_only(data_dir / f"index-{index_records}", index_records))
         copy_wall, copy_cpu = min(copy_s)
         copy_mb_s = rec_bytes / copy_wall / 1e6
         conv_mb_s = rec_bytes / conv_big["seconds"] / 1e6
@@ -271,6 +347,11 @@ def bench_convert_command(
                                           "worker_mb": conv_big["rss_workers_kb"] / 1024},
             },
         }
+        if index_rss:
+            grown = index_rss["rss_kb"] - index_rss["rss_imports_kb"]
+            result["index_rss"] = {"records": index_rss["records"], "main_mb": index_rss["rss_kb"] / 1024,
+                                   "after_imports_mb": index_rss["rss_imports_kb"] / 1024,
+                                   "bytes_per_record": grown * 1024 / max(1, index_rss["records"])}
     finally:
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
@@ -291,6 +372,10 @@ def bench_convert_command(
     for n, rss in result["rss"].items():
         table.add_row(f"peak RSS at {int(n):,} images", f"main {rss['main_mb']:.0f} MB, "
                       f"largest worker {rss['worker_mb']:.0f} MB")
+    if "index_rss" in result:
+        ir = result["index_rss"]
+        table.add_row(f"index + plan of {ir['records']:,} records", f"main {ir['main_mb']:.0f} MB "
+                      f"({ir['after_imports_mb']:.0f} MB after imports; {ir['bytes_per_record']:.0f} B/record)")
     Console().print(table)
 
 

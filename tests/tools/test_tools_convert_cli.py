@@ -230,11 +230,13 @@ def test_console_script_exit_code_and_single_line(src, tmp_path):
 @pytest.mark.slow
 def test_bench_convert_runs_and_reports(tmp_path, capsys, monkeypatch):
     code, stdout, _ = run_cli(["bench", "convert", "--images", "40", "--workers", "2", "--shard-size", "8",
-                               "--data-dir", tmp_path, "--json"], capsys, monkeypatch)
+                               "--data-dir", tmp_path, "--index-records", "3000", "--json"],
+                              capsys, monkeypatch)
     assert code == 0
     r = json.loads(stdout)
     assert r["images"] == 40 and r["copy_mb_s"] > 0 and r["convert_mb_s"] > 0 and r["ratio_to_copy"] > 0
     assert r["convert_cpu_us_per_image"] > 0
     assert set(r["rss"]) == {"10", "40"}
     assert all(v["main_mb"] > 0 and v["worker_mb"] > 0 for v in r["rss"].values())
+    assert r["index_rss"]["records"] == 3000 and r["index_rss"]["main_mb"] > 0
     assert not (tmp_path / "work" / "copy.rec").exists()
