@@ -24,6 +24,28 @@ def _check_shape(shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
         raise ValueError(f"image is {'x'.join(map(str, shape))}, expected {'x'.join(map(str, expected))}")
 
 
+class _Scratch:
+    """One decoded image kept in the cache, and the fastest way to copy its rows reversed byte by byte."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.image = np.empty(shape, np.uint8)
+        self.rows = (shape[0], self.image.size // shape[0])
+        if self.rows[1] % 8 == 0:
+            # read as big-endian 8-byte words in reverse order and written as little-endian ones,
+            # each row comes out reversed byte by byte, in one numpy pass (~1.4 us for 112x112)
+            self._words_reversed: Optional[np.ndarray] = self.image.reshape(self.rows).view(">u8")[:, ::-1]
+        else:
+            self._words_reversed = None
+            self._tensor = torch.from_numpy(self.image.reshape(self.rows))
+
+    def copy_rows_reversed(self, out: np.ndarray) -> None:
+        """Write each row of the image into `out`, its bytes in reverse order."""
+        if self._words_reversed is not None:
+            np.copyto(out.reshape(self.rows).view("<u8"), self._words_reversed)
+        else:
+            np.copyto(out.reshape(self.rows), self._tensor.flip(1).numpy())
+
+
 class SimpleJpegDecoder:
     """Decode with simplejpeg (libjpeg-turbo bundled in the wheel).
 
@@ -36,7 +58,7 @@ class SimpleJpegDecoder:
     """
 
     def __init__(self) -> None:
-        self._scratch: Optional[tuple[np.ndarray, torch.Tensor, tuple[int, int]]] = None
+        self._scratch: Optional[_Scratch] = None
 
     def __getstate__(self) -> dict:
         return {"_scratch": None}
@@ -51,12 +73,10 @@ class SimpleJpegDecoder:
             ValueError: not a JPEG, or not of out's size (the message says which size it is).
         """
         scratch = self._scratch
-        if scratch is None or scratch[0].shape != out.shape:
-            array = np.empty(out.shape, np.uint8)
-            rows = (out.shape[0], out.size // out.shape[0])
-            scratch = self._scratch = (array, torch.from_numpy(array.reshape(rows)), rows)
+        if scratch is None or scratch.image.shape != out.shape:
+            scratch = self._scratch = _Scratch(out.shape)
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace="BGR" if mirror else "RGB", buffer=scratch[0])
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR" if mirror else "RGB", buffer=scratch.image)
         except ValueError as err:
             if "too small" not in str(err):
                 raise
@@ -66,9 +86,9 @@ class SimpleJpegDecoder:
         if image.shape != out.shape:
             _check_shape(image.shape, out.shape)
         if mirror:
-            np.copyto(out.reshape(scratch[2]), scratch[1].flip(1).numpy())
+            scratch.copy_rows_reversed(out)
         else:
-            np.copyto(out, scratch[0])
+            np.copyto(out, scratch.image)
 
 
 decode_simplejpeg = SimpleJpegDecoder()

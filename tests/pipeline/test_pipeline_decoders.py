@@ -67,3 +67,15 @@ def test_simplejpeg_decodes_into_a_slot_mirrored_or_not(jpegs):
         decode.into(data[0], np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="image is 112x112x3, expected 120x120x3"):
         decode.into(data[0], np.zeros((120, 120, 3), np.uint8), mirror=True)
+
+
+@pytest.mark.parametrize("width", [32, 30])  # rows of 96 bytes (8-byte words) and of 90 (the general path)
+def test_simplejpeg_mirror_of_any_width(width):
+    import simplejpeg
+
+    image = np.random.default_rng(width).integers(0, 256, (24, width, 3), dtype=np.uint8)
+    data = simplejpeg.encode_jpeg(image, quality=95, colorspace="RGB")
+    decode = get_decoder("simplejpeg")
+    out = np.zeros((24, width, 3), np.uint8)
+    decode.into(data, out, mirror=True)
+    assert np.array_equal(out, decode(data)[:, ::-1])
