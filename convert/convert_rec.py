@@ -175,7 +175,9 @@ class RecordFetcher:
     6 bytes); any other image is parsed in full. So the size check is exact for every image.
     """
 
-    _MAX_SPAN = 1 << 26
+    # Larger spans (an .idx that skips records, huge images) take the slow path, one record at a
+    # time: a batch's read buffer stays under BATCH * 256 KiB whatever the .idx says.
+    _MAX_SPAN = 1 << 18
     GAP = 4096            # bytes between two records below which one read takes both
     _TEMPLATES = 4        # JPEG header layouts learned per batch before parsing one by one
 

@@ -164,6 +164,18 @@ def test_workers_2_equals_workers_1(src, tmp_path):
     assert _tar_bytes(tmp_path / "w1") == _tar_bytes(tmp_path / "w2")
 
 
+@pytest.mark.parametrize("setting", [("_MAX_SPAN", 1 << 8), ("GAP", 1 << 30), ("BATCH", 3)])
+def test_read_paths_and_batches_write_the_same_bytes(src, tmp_path, monkeypatch, setting):
+    """Every record through the slow path, every batch read as one run, tiny batches: same bytes."""
+    reference = convert_rec(src, tmp_path / "ref", shard_size=7, sets=[])
+    name, value = setting
+    module = sys.modules["lresnet.convert.convert_rec"]
+    monkeypatch.setattr(module.RecordFetcher if name != "BATCH" else module, name, value)
+    other = convert_rec(src, tmp_path / "other", shard_size=7, sets=[])
+    assert other.num_samples == reference.num_samples == 48
+    assert _tar_bytes(tmp_path / "ref") == _tar_bytes(tmp_path / "other")
+
+
 def test_rerun_reuses_complete_output_and_refuses_other_settings(converted, src, tmp_path):
     out, _ = converted
     work = tmp_path / "out"
