@@ -147,7 +147,7 @@ def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
 
 
 @dataclass
-class ShardImages:
+class ImageBatch:
     """A batch of checked images: JPEGs in one buffer, per-sample arrays in plan order."""
 
     keys: np.ndarray      # int64, the kept keys in plan order
@@ -185,7 +185,7 @@ class RecordFetcher:
         self.source = source
         self.reader = source.reader
         self._fd = os.open(source.rec_path, os.O_RDONLY)
-        self._read_buf = np.empty(0, dtype=np.uint8)  # reused for every shard: no fresh pages
+        self._read_buf = np.empty(0, dtype=np.uint8)  # reused for every batch: no fresh pages
         self.out_buf: Optional[np.ndarray] = None     # the archive buffer, reused the same way
 
     def image(self, key: int) -> Tuple[int, bytes]:
@@ -193,7 +193,7 @@ class RecordFetcher:
         return self.source.read_image(int(key))
 
     def read_batch(self, keys: np.ndarray, image_size: Tuple[int, int], skip_corrupt: bool
-                   ) -> ShardImages:
+                   ) -> ImageBatch:
         """Read and check the records ``keys`` (plan order); see the class docstring.
 
         Raises:
@@ -245,7 +245,7 @@ class RecordFetcher:
             starts[extra_at] = buf.size + np.cumsum(lengths) - lengths
             buf = np.concatenate([buf, np.frombuffer(b"".join(extras), dtype=np.uint8)])
         kept = ~dropped
-        return ShardImages(keys[kept], labels[kept], starts[kept], sizes[kept], buf, skipped, mismatch)
+        return ImageBatch(keys[kept], labels[kept], starts[kept], sizes[kept], buf, skipped, mismatch)
 
     def _read_runs(self, offsets: np.ndarray, spans: np.ndarray
                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -465,7 +465,7 @@ def _write_train_shard(job: ShardJob, source: RecordFetcher,
             "labels": np.unique(np.concatenate(labels)) if labels else np.zeros(0, dtype=np.int64)}
 
 
-def _add_pairs(writer: TarShardWriter, images: ShardImages, digits: int) -> None:
+def _add_pairs(writer: TarShardWriter, images: ImageBatch, digits: int) -> None:
     buf = images.buf
     for key, label, start, size in zip(images.keys.tolist(), images.labels.tolist(),
                                        images.starts.tolist(), images.sizes.tolist()):
