@@ -422,8 +422,11 @@ def ustar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     rows = np.empty((sizes.size, BLOCK), dtype=np.uint8)
     rows[:] = _TEMPLATE_ARR
     rows[:, :names.shape[1]] = names
-    rows[:, 124:135] = _octal(sizes, 11)
-    checksum = rows.sum(axis=1, dtype=np.int64)   # the chksum field counts as 8 spaces
+    size_field = _octal(sizes, 11)
+    rows[:, 124:135] = size_field
+    # the template's sum (chksum field = 8 spaces) plus what differs: name and size
+    checksum = (_TEMPLATE_SUM + names.sum(axis=1, dtype=np.int64)
+                + size_field.sum(axis=1, dtype=np.int64))
     rows[:, 148:154] = _octal(checksum, 6)
     rows[:, 154] = 0
     return rows
