@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+import numpy.random  # noqa: F401  (numpy loads it lazily: imported here, before workers fork, not once in each)
 import torch
 
 from lresnet.convert.errors import InputError
