@@ -188,10 +188,6 @@ class RecordFetcher:
         self._read_buf = np.empty(0, dtype=np.uint8)  # reused for every batch: no fresh pages
         self.out_buf: Optional[np.ndarray] = None     # the archive buffer, reused the same way
 
-    def image(self, key: int) -> Tuple[int, bytes]:
-        """``(label, jpeg)`` of one image record (the checked slow path)."""
-        return self.source.read_image(int(key))
-
     def read_batch(self, keys: np.ndarray, image_size: Tuple[int, int], skip_corrupt: bool
                    ) -> ImageBatch:
         """Read and check the records ``keys`` (plan order); see the class docstring.
