@@ -160,13 +160,7 @@ def load_weights(backbone: nn.Module, state_dict_or_path: Union[StateDict, str, 
         InputError: unreadable file, unknown source, or keys/shapes that do not fit the backbone
             (the message lists them and names the backbone that would fit).
     """
-    path = None
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        path = os.fspath(state_dict_or_path)
-        state_dict = _read(path)
-    else:
-        state_dict = state_dict_or_path
-    where = path or "state dict"
+    state_dict, where = _resolve(state_dict_or_path)
     if not isinstance(backbone, IResNet):
         raise InputError(where, f"weights can be loaded into IR/IR-SE backbones only, got {type(backbone).__name__}")
     sd = _strip_wrappers(state_dict)
@@ -213,17 +207,12 @@ def backbone_from_weights(state_dict_or_path: Union[StateDict, str, "os.PathLike
     Returns:
         ``(backbone, WeightInfo)``; the backbone is in training mode, as built.
     """
-    path = None
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        path = os.fspath(state_dict_or_path)
-        state_dict = _read(path)
-    else:
-        state_dict = state_dict_or_path
+    state_dict, where = _resolve(state_dict_or_path)
     sd = _strip_wrappers(state_dict)
     try:
         spec = describe_state_dict(sd, source)
     except InputError as err:
-        raise InputError(path or "state dict", err.message) from None
+        raise InputError(where, err.message) from None
     backbone = IResNet(spec.units, embedding_size=spec.embedding_size, unit_style=spec.unit_style,
                        se=spec.se, **kwargs)
     info = load_weights(backbone, sd, spec.source)
@@ -237,6 +226,14 @@ def read_state_dict(path: Union[str, "os.PathLike[str]"]) -> dict[str, torch.Ten
         InputError: missing or unreadable file, or no mapping of names to tensors in it.
     """
     return _strip_wrappers(_read(os.fspath(path)))
+
+
+def _resolve(state_dict_or_path) -> tuple[StateDict, str]:
+    """``(state dict, name for error messages)`` from a state dict or a file path."""
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        path = os.fspath(state_dict_or_path)
+        return _read(path), path
+    return state_dict_or_path, "state dict"
 
 
 def _read(path: str) -> StateDict:

@@ -34,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
                     cache[marker] = check()
                 if not cache[marker]:
                     item.add_marker(pytest.mark.skip(reason=f"needs a {marker} device"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: the suite runs on small shared machines, where several
+    spinning OpenMP threads per test slow everything down (subprocesses a test starts are unaffected)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,6 @@ from lresnet.model import (IResNet, count_macs, count_parameters, create_backbon
 DEEP = re.compile(r"(ir|irse)(100|152|200)e?$")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine is small and shared: one intra-op thread avoids spinning on busy cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _names():

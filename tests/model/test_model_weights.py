@@ -16,13 +16,6 @@ from lresnet.model import (backbone_from_weights, create_backbone, describe_stat
 WIDTHS = (64, 128, 256, 512)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine is small and shared: one intra-op thread avoids spinning on busy cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --- arcface_torch-style reference: conv1/bn1/prelu, layerK.i.{bn1,conv1,bn2,prelu,conv2,bn3,downsample}, bn2/fc/features

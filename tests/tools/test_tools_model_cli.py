@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -17,13 +16,6 @@ from lresnet.tools.cmd_model import DType, bench_forward_backward, describe_back
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine is small and shared: one intra-op thread avoids spinning on busy cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_model_info_ir100e_table():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lresnet.train.config import build_config, merge
 
@@ -45,11 +44,3 @@ def tiny_config(tiny_shards, tmp_path):
 
     return make
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine is shared: several busy OpenMP threads per test slow everyone down
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
