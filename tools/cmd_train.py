@@ -204,7 +204,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         out: Path = typer.Option(Path("demo"), "--out", help="Work directory (data, shards, run)."),
         identities: int = typer.Option(0, "--identities", help="Training identities (0 = the demo default)."),
         minutes: float = typer.Option(0.0, "--minutes", help="Training time budget (0 = the demo default)."),
-        net: str = typer.Option("", "--net", help="Backbone (default: a small IR)."),
+        net: str = typer.Option("", "--net", help="Backbone (default: a MobileFaceNet cut to ~17 MMAC)."),
         seed: int = typer.Option(0, "--seed"),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
