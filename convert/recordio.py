@@ -262,22 +262,30 @@ class RecordReader:
         self._set_index(keys, offsets)
 
     def _parse_idx_fast(self, text: bytes) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        """Vectorised parse of well-formed ``.idx`` lines; None means: parse line by line for the error."""
-        if not text.endswith(b"\n") or b" " in text or b"\r" in text:
+        """Vectorised parse of well-formed ``.idx`` lines (``digits TAB digits NEWLINE``), with no
+        Python object per line; None means: parse line by line for the error."""
+        if not text.endswith(b"\n"):
             return None
         buf = np.frombuffer(text, dtype=np.uint8)
-        seps = buf[(buf == 9) | (buf == 10)]  # must alternate TAB, NEWLINE: one of each per line
+        is_sep = (buf == 9) | (buf == 10)
+        ends = np.flatnonzero(is_sep)            # one past each token
+        seps = buf[ends]                         # must alternate TAB, NEWLINE: one of each per line
         if seps.size % 2 or not (np.all(seps[0::2] == 9) and np.all(seps[1::2] == 10)):
             return None
-        tokens = text.split()
-        if len(tokens) != seps.size:
+        if np.any(buf[~is_sep] - np.uint8(48) > 9):  # only digits between them (uint8 wraps below '0')
             return None
-        try:
-            table = np.array(tokens, dtype=np.bytes_).astype(np.int64).reshape(-1, 2)
-        except (ValueError, OverflowError):
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lengths = ends - starts
+        if lengths.min() < 1 or lengths.max() > 18:  # empty, or might not fit in int64
             return None
-        keys, offsets = table[:, 0].copy(), table[:, 1].copy()
-        if offsets.size and (offsets.min() < 0 or offsets.max() + _LREC.size > self.size):
+        width = int(lengths.max())
+        at = ends[:, None] - width + np.arange(width)      # the last `width` bytes of each token
+        digits = np.where(at >= starts[:, None], buf[np.maximum(at, 0)] - np.uint8(48), np.uint8(0))
+        values = digits.astype(np.int64) @ (10 ** np.arange(width - 1, -1, -1, dtype=np.int64))
+        keys, offsets = values[0::2].copy(), values[1::2].copy()
+        if offsets.size and offsets.max() + _LREC.size > self.size:
             return None
         return keys, offsets
 
