@@ -70,7 +70,7 @@ def _send_from_ring(batches: Iterator[tuple], worker: int) -> Iterator[tuple]:
     """In a worker: `(images, labels, faults, slot)`, the tensors only the first time a ring buffer is used.
 
     Sending a shared-memory tensor costs a file-descriptor transfer over a socket in the worker and
-    an mmap plus page faults in the main process, ~11 us per image in all; after the first round the
+    an mmap plus page faults in the main process, ~9 us per image in all; after the first round the
     main process already holds every buffer of the ring (TrainLoader keeps them by `slot`), so a batch
     is sent as its slot alone. The DataLoader re-raises a worker's exception as RuntimeError(traceback
     text) when it cannot be rebuilt from one string, as InputError cannot: its parts are sent instead,
