@@ -188,10 +188,10 @@ def decode(batches: Iterable[tuple[list, Optional[np.ndarray]]], decoder: Callab
            faults: list, strict: bool = False, ring: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
     """Decode and augment each batch's samples into `(images uint8 [B,H,W,3] RGB, labels int64 [B], faults)`.
 
-    Each JPEG is decoded into its slot of the batch buffer and augmented on the way, while it is in
-    the cache: a decoder with `into` (simplejpeg) writes the slot itself, mirrored when the flip is
-    drawn, so the default pipeline makes no per-image array and no extra copy; otherwise the image
-    is decoded, augmented (`apply_augmentations`) and copied into its slot.
+    Each image is augmented on its way into its slot of the batch buffer, while it is in the cache.
+    A decoder with `into` (simplejpeg) fills the slot in one copy from a cached scratch image, the
+    flip (when it is the only augmentation) done in that same copy: no array per image, no second
+    copy. Otherwise the image is decoded, augmented (`apply_augmentations`) and copied into its slot.
 
     A sample that does not decode, has the wrong size or a bad label is a fault: it is counted and
     its slot kept (the batch shape never changes, so DDP collectives stay in step), with label -1,
