@@ -101,9 +101,16 @@ def setup_distributed(cfg: DistConfig, timeout_s: float = 1800.0) -> DistContext
     return DistContext(World(rank=rank, world_size=world_size), local_rank, device, backend)
 
 
-def teardown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group started by :func:`setup_distributed`, if any."""
+def teardown_distributed(ctx: DistContext, meet: bool = True) -> None:
+    """Destroy the process group started by :func:`setup_distributed`, if any.
+
+    With ``meet`` the ranks first wait for each other: a rank that tears its connections down while a
+    peer still finishes its last collective can abort that peer (gloo: "terminate called without an
+    active exception"). A rank leaving on an error passes ``meet=False``.
+    """
     if ctx.distributed and dist.is_initialized():
+        if meet:
+            dist.barrier()
         dist.destroy_process_group()
 
 

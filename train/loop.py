@@ -371,9 +371,12 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, loader: Any =
     """
     ctx = setup_distributed(cfg.dist)
     try:
-        return _train(cfg, ctx, progress, loader)
-    finally:
-        teardown_distributed(ctx)
+        result = _train(cfg, ctx, progress, loader)
+    except BaseException:
+        teardown_distributed(ctx, meet=False)  # the peers may never reach a last barrier
+        raise
+    teardown_distributed(ctx)
+    return result
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], loader: Any) -> TrainResult:

@@ -224,6 +224,14 @@ def _init(rank: int, world_size: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
+def _finish() -> None:
+    """Meet, then tear down: a rank leaving early can abort its peer inside gloo at exit."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _problem(workdir: Path, num_classes: int, labels: list[int]) -> dict:
     """Global inputs shared by the parent (reference) and the workers, written once by the parent."""
     gen = torch.Generator().manual_seed(11)
@@ -264,7 +272,7 @@ def _worker_full_softmax(rank: int, world_size: int, workdir: str) -> None:
     head(ddp(problem["x"][rows]), problem["labels"][rows]).backward()
     result["backbone_grad"] = backbone.weight.grad
     torch.save(result, Path(workdir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.distributed
@@ -319,7 +327,7 @@ def _worker_sampled_and_checkpoint(rank: int, world_size: int, workdir: str) -> 
     if rank == 0:
         torch.save(state, Path(workdir) / "checkpoint.pt")
     torch.save(result, Path(workdir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.distributed
