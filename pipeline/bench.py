@@ -167,6 +167,8 @@ def run_bench(images: int = 20000, work_dir: Optional[Path] = None, batch_size: 
 
     torch.set_num_threads(1)
     best: dict[str, BenchResult] = {}
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lresnet-bench-", dir=work_dir) as tmp:
         shard_dir = make_bench_shards(Path(tmp), images, progress=progress)
         jpegs, labels = load_jpegs(shard_dir)
