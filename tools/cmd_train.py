@@ -78,6 +78,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def train_cmd(
         shards: Optional[str] = typer.Option(None, "--shards", help="Shard dir, manifest.json, brace pattern "
                                              "(train-{000000..000579}.tar), or 'synthetic'."),
+        manifest: Optional[str] = typer.Option(None, "--manifest", help="manifest.json giving the sample counts "
+                                               "of remote shards (a 'pipe:...{000000..000579}.tar' pattern)."),
         out: Optional[str] = typer.Option(None, "--out", help="Run directory (checkpoints, metrics, config.json)."),
         config: Optional[Path] = typer.Option(None, "--config", help="TOML or YAML file; flags override it."),
         val: Optional[str] = typer.Option(None, "--val", help="Verification sets dir (OUT/val of convert-rec)."),
@@ -167,7 +169,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                       "channels_last": channels_last, "options": _parse_options(net_option, "--net-option")},
             "head": {"name": head, "s": margin_s, "m": margin_m, "m1": m1, "m2": m2, "m3": m3,
                      "partial_fc": partial_fc, "sample_rate": sample_rate},
-            "data": {"shards": shards, "batch_size": batch_size, "workers": workers,
+            "data": {"shards": shards, "manifest": manifest, "batch_size": batch_size, "workers": workers,
                      "shuffle_buffer": shuffle_buffer, "decoder": decoder, "flip": flip, "augment": augment,
                      "strict": strict},
             "optim": {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,

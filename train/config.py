@@ -63,6 +63,7 @@ class DataConfig:
     """Training data: a shard directory, manifest, brace pattern, or ``synthetic``."""
 
     shards: str = ""
+    manifest: str = ""  # sample counts for remote (pipe:) shards; local shards find theirs
     batch_size: int = 128  # per device
     workers: int = 2
     shuffle_buffer: int = 2000

@@ -145,7 +145,7 @@ def build_loader(cfg: TrainConfig, ctx: DistContext):
     pcfg = PipelineConfig(batch_size=d.batch_size, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
                           seed=cfg.seed, decoder=d.decoder, flip=d.flip, augment=d.augment,
                           strict=d.strict)
-    return build_train_loader(d.shards, pcfg, ctx.world)
+    return build_train_loader(d.shards, pcfg, ctx.world, manifest=d.manifest or None)
 
 
 def build_networks(cfg: TrainConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module, bool]:

@@ -207,3 +207,16 @@ def test_tensorboard_scalars_when_installed(tiny_config, tiny_shards, monkeypatc
     tags = {tag for tag, _ in scalars}
     assert {"loss", "lr", "images_per_s", "data_wait", "verification/lfw/accuracy"} <= tags
     assert ("loss", 4) in scalars
+
+
+def test_remote_shards_take_their_counts_from_a_manifest(tiny_config, tiny_shards, tmp_path):
+    # what a run streaming from object storage passes: a pipe: pattern plus the manifest for the counts
+    train_dir = tiny_shards[0]
+    last = len(sorted(train_dir.glob("train-*.tar"))) - 1
+    pattern = f"pipe:cat {train_dir}/train-{{000000..{last:06d}}}.tar"
+    cfg = tiny_config(data={"shards": pattern, "manifest": str(train_dir / "manifest.json")},
+                      schedule={"max_steps": 9})
+    result = train(cfg)
+    assert result.steps == 9
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt-00000009.pt")
+    assert (ckpt["loader"][0]["epoch"], ckpt["loader"][0]["position"]) == (1, 1)
