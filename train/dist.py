@@ -14,6 +14,7 @@ model-parallel (each rank owns a shard of the centres) and stays outside DDP.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -106,9 +107,12 @@ def teardown_distributed(ctx: DistContext, meet: bool = True) -> None:
 
     With ``meet`` the ranks first wait for each other: a rank that tears its connections down while a
     peer still finishes its last collective can abort that peer (gloo: "terminate called without an
-    active exception"). A rank leaving on an error passes ``meet=False``.
+    active exception"). A rank leaving on an error passes ``meet=False``. DDP modules the caller no
+    longer references are collected first: freed later, at interpreter exit, their reducers' gloo
+    work aborts the process the same way.
     """
     if ctx.distributed and dist.is_initialized():
+        gc.collect()
         if meet:
             dist.barrier()
         dist.destroy_process_group()
@@ -133,7 +137,15 @@ def wrap_for_training(backbone: nn.Module, head: nn.Module, ctx: DistContext, he
         return FaceModel(backbone, head)
     device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
     if head_sharded:
-        return FaceModel(nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids), head)
+        from lresnet.model.partial_fc import sum_allreduce_hook
+
+        # Partial FC's loss is the mean over the global batch on every rank, and its all-gather hands
+        # each rank that loss's gradient for its own embeddings: summing (not averaging) the backbone
+        # gradients gives exactly the gradient of the global batch, as the replicated head does, so a
+        # run behaves the same (same LR) whichever head it uses
+        ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+        ddp.register_comm_hook(None, sum_allreduce_hook)
+        return FaceModel(ddp, head)
     return nn.parallel.DistributedDataParallel(FaceModel(backbone, head), device_ids=device_ids)
 
 

@@ -181,6 +181,7 @@ _BOOT = (
     "module = importlib.util.module_from_spec(spec)\n"
     "spec.loader.exec_module(module)\n"
     "getattr(module, sys.argv[2])(int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])\n"
+    "module._finish()\n"
 )
 
 
@@ -225,9 +226,13 @@ def _init(rank: int, world_size: int) -> None:
 
 
 def _finish() -> None:
-    """Meet, then tear down: a rank leaving early can abort its peer inside gloo at exit."""
+    """After the worker returned: free its modules and graphs, meet, then tear down. Gloo work still
+    referenced at interpreter exit, or a peer leaving early, aborts a rank ("terminate called ...")."""
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -272,7 +277,6 @@ def _worker_full_softmax(rank: int, world_size: int, workdir: str) -> None:
     head(ddp(problem["x"][rows]), problem["labels"][rows]).backward()
     result["backbone_grad"] = backbone.weight.grad
     torch.save(result, Path(workdir) / f"rank{rank}.pt")
-    _finish()
 
 
 @pytest.mark.distributed
@@ -327,7 +331,6 @@ def _worker_sampled_and_checkpoint(rank: int, world_size: int, workdir: str) -> 
     if rank == 0:
         torch.save(state, Path(workdir) / "checkpoint.pt")
     torch.save(result, Path(workdir) / f"rank{rank}.pt")
-    _finish()
 
 
 @pytest.mark.distributed
