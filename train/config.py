@@ -212,20 +212,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise InputError(key, f"got {value!r}, expected true or false")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise InputError(key, f"got {value!r}, expected an integer")
+    if tp in (int, float):
+        kind, accepted = ("an integer", (int, str)) if tp is int else ("a number", (int, float, str))
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise InputError(key, f"got {value!r}, expected {kind}")
         try:
-            return int(value)
+            return tp(value)
         except ValueError:
-            raise InputError(key, f"got {value!r}, expected an integer") from None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise InputError(key, f"got {value!r}, expected a number")
-        try:
-            return float(value)
-        except ValueError:
-            raise InputError(key, f"got {value!r}, expected a number") from None
+            raise InputError(key, f"got {value!r}, expected {kind}") from None
     if tp is str:
         if not isinstance(value, (str, os.PathLike)):
             raise InputError(key, f"got {value!r}, expected a string")
