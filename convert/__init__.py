@@ -13,7 +13,7 @@ Nothing here imports torch.
 """
 
 from lresnet.convert.convert_rec import ConvertSummary, convert_rec, shuffle_plan
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.inspect import VerifyReport, summarize, verify_shards
 from lresnet.convert.manifest import FORMAT as MANIFEST_FORMAT
 from lresnet.convert.manifest import read_manifest

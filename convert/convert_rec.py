@@ -36,7 +36,7 @@ import numpy as np
 import simplejpeg
 
 from lresnet.convert import manifest as mf
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.pairs import load_bin
 from lresnet.convert.recordio import IR_SIZE, MAGIC, FacesEmore, jpeg_sof
 from lresnet.convert.shards import (

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.manifest import VAL_DIR, read_manifest, manifest_path
 from lresnet.convert.shards import file_sha256
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.shards import temp_path_for
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Sequence
 
-from lresnet.convert.errors import InputError, PathLike
+from lresnet.core.errors import InputError, PathLike
 
 
 class PairBin(NamedTuple):

@@ -31,7 +31,7 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from lresnet.convert.errors import InputError, PathLike
+from lresnet.core.errors import InputError, PathLike
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

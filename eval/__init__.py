@@ -8,8 +8,8 @@
 
 from lresnet.eval.data import (PairSet, available_sets, find_set_file, load_embeddings,
                                load_pair_labels, load_pair_set)
-from lresnet.eval.extract import (Embeddings, extract_embeddings, normalise_rows, resolve_amp_dtype,
-                                  resolve_device, verify_backbone)
+from lresnet.eval.extract import (Embeddings, extract_embeddings, normalise_rows,
+                                  verify_backbone)
 from lresnet.eval.protocol import (ACCURACY_THRESHOLDS, FAR_TARGET, VAL_THRESHOLDS, VerificationResult,
                                    evaluate, kfold_bounds, legacy_slinear, pair_distances)
 
@@ -23,8 +23,6 @@ __all__ = [
     "Embeddings",
     "extract_embeddings",
     "normalise_rows",
-    "resolve_amp_dtype",
-    "resolve_device",
     "verify_backbone",
     "ACCURACY_THRESHOLDS",
     "FAR_TARGET",

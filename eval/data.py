@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_SIZE = (112, 112)

@@ -24,14 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.device import autocast_dtype, resolve_device
 from lresnet.eval.data import PairSet
 from lresnet.eval.protocol import VerificationResult, evaluate
 from lresnet.pipeline import normalize_batch
 
 DeviceLike = Union[str, torch.device]
-_AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-              "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,53 +48,6 @@ class Embeddings:
     normed: np.ndarray = field(repr=False)
     xnorm: float
     unnormalised: Optional[np.ndarray] = field(default=None, repr=False)
-
-
-def resolve_device(device: DeviceLike) -> torch.device:
-    """``"cpu"``, ``"cuda[:i]"`` or ``"npu[:i]"`` -> torch.device, importing ``torch_npu`` only for npu.
-
-    Raises:
-        InputError: the device type is unknown or not available here.
-    """
-    if isinstance(device, torch.device):
-        return device
-    kind = str(device).split(":", 1)[0]
-    if kind == "cpu":
-        return torch.device(device)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device", "cuda requested, but no CUDA device is available to torch")
-        return torch.device(device)
-    if kind == "npu":
-        try:
-            import torch_npu  # noqa: F401  (registers the npu device with torch)
-        except ImportError:
-            raise InputError("--device", "npu requested, but torch_npu is not installed "
-                                         "(pip install 'lresnet[npu]')") from None
-        if not torch.npu.is_available():
-            raise InputError("--device", "npu requested, but no Ascend NPU is available")
-        return torch.device(device)
-    raise InputError("--device", f"unknown device {device!r}; expected cpu, cuda[:i] or npu[:i]")
-
-
-def resolve_amp_dtype(amp: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    """None/"none"/"fp32" -> None; "bf16"/"fp16" (or the torch dtypes) -> the dtype.
-
-    Raises:
-        InputError: any other value.
-    """
-    if amp is None or isinstance(amp, torch.dtype):
-        if amp in (None, torch.bfloat16, torch.float16):
-            return amp
-        if amp == torch.float32:
-            return None
-        raise InputError("--amp", f"unsupported AMP dtype {amp}; expected bf16, fp16 or none")
-    name = str(amp).lower()
-    if name in ("none", "fp32", "float32", "off"):
-        return None
-    if name in _AMP_NAMES:
-        return _AMP_NAMES[name]
-    raise InputError("--amp", f"unknown AMP dtype {amp!r}; expected one of bf16, fp16, none")
 
 
 def normalise_rows(rows: np.ndarray) -> np.ndarray:
@@ -142,7 +93,7 @@ def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    amp = resolve_amp_dtype(amp_dtype)
+    amp = autocast_dtype(amp_dtype)
     n = images.shape[0]
     backbone.to(dev)
     was_training = backbone.training

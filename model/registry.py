@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 Builder = Callable[..., nn.Module]
 

@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.model.iresnet import IResNet
 
 SOURCES = ("arcface_torch", "treb1en", "lresnet")

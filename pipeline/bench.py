@@ -60,17 +60,13 @@ def _children_cpu() -> float:
 def make_bench_shards(work_dir: Path, images: int, seed: int = 0, shard_size: int = 2000,
                       progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
     """Synthetic faces_emore (the project's writer) converted to shards; returns the shard folder."""
-    from lresnet.convert.convert_rec import convert_rec
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthetic_shards
 
     per_id = 20
     identities = max(1, -(-images // per_id))
-    src, out = work_dir / "faces_emore", work_dir / "shards"
-    synth_progress = (lambda done, total: progress("synth", done, total)) if progress else None
-    synthesize(src, identities=identities, images_per_id=per_id, pairs=0, sets=(), seed=seed,
-               progress=synth_progress)
-    convert_rec(src, out, shard_size=shard_size, seed=seed)
-    return out
+    synthetic_shards(work_dir, identities=identities, images_per_id=per_id, seed=seed, shard_size=shard_size,
+                     progress=progress)
+    return work_dir / "shards"
 
 
 def load_jpegs(shard_dir: Path) -> tuple[list[bytes], list[int]]:

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.pipeline import stages
 from lresnet.pipeline.augment import build_augmentations, random_width
 from lresnet.pipeline.config import PipelineConfig

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.manifest import MANIFEST_NAME, STATE_NAME, TRAIN_DIR, manifest_path, read_manifest
 from lresnet.pipeline.stages import open_shard
 from lresnet.pipeline.tario import TarReadError, read_samples

@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 app = typer.Typer(
     name="lresnet",

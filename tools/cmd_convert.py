@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 
 class _RateColumn(ProgressColumn):
@@ -249,7 +249,7 @@ def _ensure_synth(data_dir: Path, images: int, seed: int) -> Path:
     if marker.is_file() and (data_dir / "train.rec").is_file():
         if json.loads(marker.read_text()).get("images") == images:
             return data_dir
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthesize
 
     per_id = 50 if images >= 500 else max(1, images // 5)
     identities = max(1, images // per_id)

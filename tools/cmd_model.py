@@ -19,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lresnet.convert.errors import InputError
+from lresnet.core.device import resolve_device, synchronize
+from lresnet.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -124,25 +125,6 @@ class BenchResult:
     ms_per_step: float
 
 
-def _synchronize(device: torch.device) -> None:
-    import torch
-
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
-        backend.synchronize()
-
-
-def _resolve_device(name: str) -> torch.device:
-    import torch
-
-    if name == "npu":
-        import torch_npu  # noqa: F401  (registers the device; imported only when asked for)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", f"got {name!r}, but CUDA is not available")
-    return device
-
-
 def _train_step(model: nn.Module, images: torch.Tensor, dtype: DType) -> None:
     import torch
 
@@ -164,7 +146,7 @@ def bench_forward_backward(name: str, batch_size: int = 8, dtype: DType = DType.
 
     from lresnet.model import create_backbone
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     base_model = create_backbone(name).to(dev).train()
     images = torch.randn(batch_size, 3, 112, 112, device=dev)
@@ -177,10 +159,10 @@ def bench_forward_backward(name: str, batch_size: int = 8, dtype: DType = DType.
     times: list[list[float]] = [[] for _ in settings]
     for step in range(warmup + steps):
         for i, (_, model, x, dt) in enumerate(settings):
-            _synchronize(dev)
+            synchronize(dev)
             start = time.perf_counter()
             _train_step(model, x, dt)
-            _synchronize(dev)
+            synchronize(dev)
             if step >= warmup:
                 times[i].append(time.perf_counter() - start)
     results = []

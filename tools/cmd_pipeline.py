@@ -26,7 +26,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from lresnet.convert.errors import InputError
+        from lresnet.core.errors import InputError
         from lresnet.pipeline.bench import run_bench
 
         if images < batch_size * 2 or batch_size < 1 or rounds < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -31,7 +31,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
         from rich.table import Table
 
-        from lresnet.tools.synth import synthesize
+        from lresnet.convert.synthetic import synthesize
 
         for name, value, allowed in (("--label-format", label_format, ("float", "multi")),
                                      ("--header-at", header_at, ("start", "end"))):

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 
 def _parse_options(items: Optional[list[str]], flag: str) -> Optional[dict[str, Any]]:

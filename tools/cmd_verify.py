@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 JSON_FORMAT = "lresnet-verify/1"
 
@@ -259,8 +259,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                             "normalisation; --embeddings on them reproduces the numbers exactly."),
     ) -> None:
         """Score a backbone (or precomputed embeddings) on verification sets, InsightFace's protocol."""
-        from lresnet.eval import (evaluate, extract_embeddings, load_embeddings, load_pair_labels,
-                                  load_pair_set, resolve_amp_dtype, resolve_device)
+        from lresnet.core.device import autocast_dtype, resolve_device
+        from lresnet.eval import evaluate, extract_embeddings, load_embeddings, load_pair_labels, load_pair_set
         from lresnet.eval import normalise_rows
 
         sources = [p for p in (checkpoint, weights, embeddings) if p is not None]
@@ -284,7 +284,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             model_info: dict[str, Any] = {"kind": "embeddings", "path": str(embeddings)}
         else:
             dev = resolve_device(device)
-            amp_dtype = resolve_amp_dtype(amp)
+            amp_dtype = autocast_dtype(amp)
             loaded = (load_checkpoint_backbone(checkpoint, net) if checkpoint is not None
                       else load_weights_backbone(weights, net))
             use_bgr = loaded.bgr if bgr is None else bgr
@@ -330,7 +330,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Embedding extraction images/s: variants against a no-flip fp32 baseline in the same run."""
         import torch
 
-        from lresnet.eval import extract_embeddings, resolve_device
+        from lresnet.core.device import resolve_device
+        from lresnet.eval import extract_embeddings
         from lresnet.model import create_backbone
 
         dev = resolve_device(device)

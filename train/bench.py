@@ -38,16 +38,14 @@ def summarize_windows(records: list[dict[str, Any]], global_batch: int) -> dict[
 
 
 def _make_shards(work: Path, seed: int = 0) -> Path:
-    from lresnet.convert import convert_rec
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthetic_shards
 
     train_dir = work / "shards" / "train"
     if (train_dir / "manifest.json").exists():  # made by an earlier run
         return train_dir
     for stale in (work / "faces", work / "shards"):
         shutil.rmtree(stale, ignore_errors=True)
-    synthesize(work / "faces", identities=100, images_per_id=20, pairs=0, seed=seed, sets=())
-    convert_rec(work / "faces", work / "shards", shard_size=500, seed=seed)
+    synthetic_shards(work, identities=100, images_per_id=20, seed=seed, shard_size=500)
     return train_dir
 
 

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 
 HEADS = ("arcface", "cosface", "combined")
 SCHEDULES = ("multistep", "poly", "cosine", "constant")

@@ -92,10 +92,9 @@ def _calibrate_steps(cfg, budget_s: float, num_classes: int, probe_steps: int = 
 def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings(),
              say: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Run the whole demo in `work_dir`; returns the per-set table and timings (JSON-able)."""
-    from lresnet.convert import convert_rec
     from lresnet.eval import evaluate, load_pair_set, verify_backbone
     from lresnet.model import create_backbone
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthetic_shards
     from lresnet.train.loop import train
 
     t_start = time.perf_counter()
@@ -106,11 +105,11 @@ def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings()
     torch.set_num_threads(threads)
 
     say(f"synthesizing {settings.identities} identities x {settings.images_per_id} images "
-        f"+ {settings.pairs} pairs per set ({', '.join(settings.sets)}) from held-out identities")
-    synthesize(work / "faces", identities=settings.identities, images_per_id=settings.images_per_id,
-               pairs=settings.pairs, seed=settings.seed, sets=settings.sets, difficulty=settings.difficulty)
-    say("converting to shards")
-    summary = convert_rec(work / "faces", work / "shards", shard_size=1000, seed=settings.seed)
+        f"+ {settings.pairs} pairs per set ({', '.join(settings.sets)}) from held-out identities, "
+        "then converting them to shards")
+    summary = synthetic_shards(work, identities=settings.identities, images_per_id=settings.images_per_id,
+                               pairs=settings.pairs, sets=settings.sets, seed=settings.seed, shard_size=1000,
+                               difficulty=settings.difficulty)
     val_dir = work / "shards" / "val"
     pair_sets = [load_pair_set(name, data_dir=val_dir) for name in settings.sets]
 

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.device import bind_device, resolve_device
+from lresnet.core.errors import InputError
 from lresnet.pipeline import World
 from lresnet.train.config import DistConfig
 
@@ -61,34 +62,13 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(name, f"got {raw!r} in the environment, expected an integer") from None
 
 
-def select_device(kind: str, device_id: int = -1, local_rank: int = 0) -> torch.device:
-    """The torch device for `kind` ("cpu" | "cuda" | "npu"); index `device_id`, or LOCAL_RANK when -1."""
-    if kind == "cpu":
-        return torch.device("cpu")
-    index = local_rank if device_id < 0 else device_id
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device", "got 'cuda', but torch sees no CUDA device")
-        if index >= torch.cuda.device_count():
-            raise InputError("--device-id", f"got {index}, expected < {torch.cuda.device_count()} CUDA devices")
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    if kind == "npu":
-        try:
-            import torch_npu  # noqa: F401  (registers the "npu" device with torch)
-        except ImportError:
-            raise InputError("--device", "got 'npu', but torch_npu is not installed (pip install torch_npu)") from None
-        torch.npu.set_device(index)
-        return torch.device("npu", index)
-    raise InputError("--device", f"got {kind!r}, expected one of {sorted(DEFAULT_BACKEND)}")
-
-
 def setup_distributed(cfg: DistConfig, timeout_s: float = 1800.0) -> DistContext:
     """Read torchrun's environment, pick the device and, with WORLD_SIZE > 1, start the process group."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    device = select_device(cfg.device, cfg.device_id, local_rank)
+    device = resolve_device(cfg.device, cfg.device_id, local_rank, option="--device")
+    bind_device(device)
     backend = None
     if world_size > 1:
         backend = DEFAULT_BACKEND[cfg.device] if cfg.backend == "auto" else cfg.backend

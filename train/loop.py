@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from lresnet.train.config import TrainConfig, save_config, to_dict
 from lresnet.train.dist import (DistContext, all_reduce_min, gather_objects, setup_distributed,

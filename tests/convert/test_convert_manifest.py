@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.manifest import describe_difference, manifest_path, read_manifest, write_json_atomic
 
 GOOD = {"format": "lresnet-shards/1", "num_samples": 3, "num_classes": 2, "image_size": [112, 112],

@@ -8,7 +8,7 @@ import pickletools
 
 import pytest
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.pairs import PairBin, load_bin, write_bin
 
 IMAGES = [b"\xff\xd8" + bytes([i]) * (50 + 300 * i) for i in range(4)]

@@ -28,7 +28,7 @@ from lresnet.convert import (
 )
 from lresnet.convert.pairs import load_bin
 from lresnet.convert.recordio import FacesEmore
-from lresnet.tools.synth import synthesize
+from lresnet.convert.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")

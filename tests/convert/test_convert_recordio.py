@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.recordio import (MAGIC, FacesEmore, IRHeader, RecordReader, RecordWriter,
                                       encode_record, jpeg_size, pack, unpack)
 

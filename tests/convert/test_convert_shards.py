@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.shards import (
     TarShardWriter,
     file_sha256,

@@ -13,7 +13,7 @@ import simplejpeg
 import torch
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.convert.pairs import write_bin
 from lresnet.eval import (available_sets, evaluate, extract_embeddings, load_embeddings,
                           load_pair_labels, load_pair_set, normalise_rows, verify_backbone)
@@ -95,12 +95,10 @@ def test_tar_and_bin_give_the_same_set(pair_files):
 
 def test_synthetic_bin_and_converted_tar_score_identically(tmp_path):
     # the project's own chain: synthetic faces_emore -> convert_rec -> val/<set>.tar
-    from lresnet.convert import convert_rec
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthetic_shards
 
-    src, out = tmp_path / "emore", tmp_path / "shards"
-    synthesize(src, identities=2, images_per_id=1, pairs=20, sets=("lfw",), seed=3)
-    convert_rec(src, out, shard_size=10, sets=["lfw"])
+    src, out = tmp_path / "faces", tmp_path / "shards"
+    synthetic_shards(tmp_path, identities=2, images_per_id=1, pairs=20, sets=("lfw",), seed=3, shard_size=10)
     from_tar = load_pair_set("lfw", data_dir=out / "val")
     from_bin = load_pair_set("lfw", bin_path=src / "lfw.bin")
     assert from_tar.source.endswith("lfw.tar") and from_tar.num_pairs == 20
@@ -250,9 +248,9 @@ def test_bf16_autocast_on_cpu_is_close():
 
 def test_bad_device_and_amp_are_input_errors():
     images = np.zeros((2, 112, 112, 3), dtype=np.uint8)
-    with pytest.raises(InputError, match="unknown device 'tpu'"):
+    with pytest.raises(InputError, match="got 'tpu', expected one of cpu"):
         extract_embeddings(TinyNet(), images, device="tpu")
-    with pytest.raises(InputError, match="unknown AMP dtype 'int8'"):
+    with pytest.raises(InputError, match="got 'int8', expected one of bf16"):
         extract_embeddings(TinyNet(), images, amp_dtype="int8")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA device"):

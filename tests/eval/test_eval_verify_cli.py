@@ -191,7 +191,7 @@ BAD = [
     (["--set", "calfw", "--embeddings", "{root}/flat.npy"], "wrong embedding dimension"),
     (["--set", "calfw", "--embeddings", "{root}/odd.npy"], "odd number of embeddings"),
     (["--set", "lfw", "--set", "agedb_30", "--embeddings", "{root}/emb.npy"], "scores one set"),
-    (["--set", "lfw", "--checkpoint", "{root}/ckpt.pt", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--set", "lfw", "--checkpoint", "{root}/ckpt.pt", "--device", "tpu"], "got 'tpu', expected one of cpu"),
     (["--bin", "{root}/odd.bin", "--embeddings", "{root}/emb.npy"], "3 images for 1 pairs"),
     (["--set", "broken", "--checkpoint", "{root}/ckpt.pt"], "pair lacks 000000.b.jpg"),
     (["--set", "lfw", "--checkpoint", "{root}/emb.npy"], "cannot load"),

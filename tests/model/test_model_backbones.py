@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.model import (IResNet, count_macs, count_parameters, create_backbone, list_backbones,
                            profile_macs)
 

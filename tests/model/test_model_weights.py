@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.model import (backbone_from_weights, create_backbone, describe_state_dict, detect_source,
                            load_weights, read_state_dict)
 

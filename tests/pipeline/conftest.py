@@ -20,13 +20,11 @@ SHARD_SIZE = 37  # 6 shards of 37 and one of 18
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory) -> Path:
     """A converted synthetic data set: OUT/train/train-00000{0..6}.tar + manifest.json."""
-    from lresnet.convert.convert_rec import convert_rec
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthetic_shards
 
     root = tmp_path_factory.mktemp("pipeline-data")
-    synthesize(root / "src", identities=SAMPLES, images_per_id=1, pairs=0, sets=(), seed=3)
-    convert_rec(root / "src", root / "out", shard_size=SHARD_SIZE, seed=0)
-    return root / "out"
+    synthetic_shards(root, identities=SAMPLES, images_per_id=1, seed=3, shard_size=SHARD_SIZE)
+    return root / "shards"
 
 
 def read_members(path: Path) -> list[tuple[str, bytes]]:

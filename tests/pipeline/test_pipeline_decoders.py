@@ -11,7 +11,7 @@ from lresnet.pipeline.decoders import turbojpeg_available
 
 @pytest.fixture(scope="module")
 def jpegs():
-    from lresnet.tools.synth import encode_jpegs, render_faces
+    from lresnet.convert.synthetic import encode_jpegs, render_faces
 
     images = render_faces(list(range(6)), np.random.default_rng(0), seed=1)
     return images, encode_jpegs(images)

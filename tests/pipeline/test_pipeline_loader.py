@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.pipeline import DevicePrefetcher, PipelineConfig, World, build_train_loader
 
 SAMPLES = 240  # tests/pipeline/conftest.py: one image for each of 240 identities

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.pipeline import stages
 from lresnet.pipeline.augment import HorizontalFlip, build_augmentations, random_width
 from lresnet.pipeline.shards import expand_braces
@@ -105,7 +105,7 @@ def test_decode_ring_reuses_shared_buffers():
 @pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
 def test_decode_with_flip_mirrors_exactly_the_drawn_slots(decoder):
     from lresnet.pipeline.decoders import get_decoder
-    from lresnet.tools.synth import encode_jpegs, render_faces
+    from lresnet.convert.synthetic import encode_jpegs, render_faces
 
     jpegs = encode_jpegs(render_faces(list(range(4)), np.random.default_rng(0), seed=1))
     decode = get_decoder(decoder)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.tools import cli
 
 EXPECTED_COMMANDS = ("synth", "convert-rec", "inspect", "verify", "train", "demo", "model-info", "bench")

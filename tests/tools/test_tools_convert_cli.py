@@ -14,7 +14,7 @@ import pytest
 
 from lresnet.convert.recordio import FacesEmore
 from lresnet.tools.cli import main
-from lresnet.tools.synth import synthesize
+from lresnet.convert.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")

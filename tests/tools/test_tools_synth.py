@@ -13,7 +13,7 @@ import simplejpeg
 
 from lresnet.convert.pairs import load_bin
 from lresnet.convert.recordio import FacesEmore, RecordReader, unpack
-from lresnet.tools.synth import EVAL_ID_BASE, FaceRenderer, render_faces, render_templates, synthesize
+from lresnet.convert.synthetic import EVAL_ID_BASE, FaceRenderer, render_faces, render_templates, synthesize
 
 SMALL = dict(identities=4, images_per_id=3, pairs=6)
 

@@ -19,12 +19,10 @@ TINY_NET_FLAGS = ["--net", "mobilefacenet", "--embedding-size", "32",
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """16 identities x 8 images in 4 shards, and a 40-pair lfw set from held-out identities."""
-    from lresnet.convert import convert_rec
-    from lresnet.tools.synth import synthesize
+    from lresnet.convert.synthetic import synthetic_shards
 
     root = tmp_path_factory.mktemp("tiny")
-    synthesize(root / "src", identities=16, images_per_id=8, pairs=40, seed=0, sets=("lfw",))
-    convert_rec(root / "src", root / "shards", shard_size=40)
+    synthetic_shards(root, identities=16, images_per_id=8, pairs=40, seed=0, sets=("lfw",), shard_size=40)
     return root / "shards" / "train", root / "shards" / "val"
 
 

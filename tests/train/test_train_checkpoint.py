@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.train.checkpoint import (CheckpointManager, load_checkpoint, rng_state, save_atomic,
                                       set_rng_state)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lresnet.convert.errors import InputError
+from lresnet.core.errors import InputError
 from lresnet.train.config import (TrainConfig, build_config, load_config_file, merge, net_name, replace, save_config,
                                   to_dict)
 

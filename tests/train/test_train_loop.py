@@ -125,7 +125,7 @@ def test_fp16_path_uses_the_grad_scaler(tiny_config, tmp_path):
 
 
 def test_no_resume_refuses_to_overwrite_an_earlier_run(tiny_config):
-    from lresnet.convert.errors import InputError
+    from lresnet.core.errors import InputError
 
     train(tiny_config(schedule={"max_steps": 2}))
     with pytest.raises(InputError, match="holds checkpoints of an earlier run"):

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import simplejpeg
 
-from lresnet.convert.errors import PathLike
+from lresnet.core.errors import PathLike
 from lresnet.convert.pairs import write_bin
 from lresnet.convert.recordio import IRHeader, RecordWriter, pack
 
@@ -396,5 +396,35 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
     return summary
 
 
+def synthetic_shards(root: PathLike, identities: int, images_per_id: int, pairs: int = 0,
+                     sets: Iterable[str] = (), seed: int = 0, shard_size: int = 1000,
+                     difficulty: float = 1.0, progress: Optional[Callable[[str, int, int], None]] = None):
+    """Synthesize a faces_emore folder and convert it: ``ROOT/faces`` -> ``ROOT/shards/{train,val}``.
+
+    The one "synthesize then convert" step behind the demo, the benchmarks and the tests.
+
+    Args:
+        progress: called as ``progress(stage, done, total)`` (``done`` counts up to ``total``) with stage
+            ``"synth"``, then convert-rec's stages.
+    Returns:
+        convert-rec's :class:`~lresnet.convert.convert_rec.ConvertSummary`; the training shards are in
+        ``ROOT/shards/train``, the pair sets in ``ROOT/shards/val``.
+    """
+    from lresnet.convert.convert_rec import convert_rec
+
+    root = Path(root)
+    synth_progress = (lambda done, total: progress("synth", done, total)) if progress else None
+    synthesize(root / "faces", identities=identities, images_per_id=images_per_id, pairs=pairs, seed=seed,
+               sets=tuple(sets), difficulty=difficulty, progress=synth_progress)
+    done: Dict[str, int] = {}
+
+    def convert_progress(stage: str, advance: int, total: int) -> None:
+        done[stage] = done.get(stage, 0) + advance
+        progress(stage, done[stage], total)
+
+    return convert_rec(root / "faces", root / "shards", shard_size=shard_size, seed=seed,
+                       progress=convert_progress if progress else None)
+
+
 __all__ = ["FaceRenderer", "render_faces", "render_templates", "identity_params", "encode_jpegs",
-           "synthesize", "SETS", "EVAL_ID_BASE", "IMAGE_SIZE"]
+           "synthesize", "synthetic_shards", "SETS", "EVAL_ID_BASE", "IMAGE_SIZE"]
