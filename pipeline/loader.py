@@ -26,24 +26,25 @@ STATE_VERSION = 1
 MAX_KEPT_FAULTS = 1000
 
 
-def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, epoch: int, role: int, roles: int,
-                   start_batch: int = 0, shared: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, seed: int, epoch: int, role: int,
+                   roles: int, start_batch: int = 0,
+                   shared: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
     """The pipeline, read top to bottom: split -> source -> shuffle -> batch -> decode + augment.
 
     Yields this worker role's batches of the epoch (after the first `start_batch` batches of the
     rank, which a resumed run has already consumed) as `(images, labels, faults)`.
     """
-    image_size = config.image_size or shards.image_size or (112, 112)
-    seed = (config.seed, epoch, world.rank, role, roles)
+    image_size = shards.image_size or (112, 112)
+    seeds = (seed, epoch, world.rank, role, roles)
     augmentations = build_augmentations(config.flip, config.augment)
     faults: list[Fault] = []
 
-    plan = worker_plan(shards.counts, config.batch_size, world, config.seed, epoch, role, roles, start_batch)  # split
+    plan = worker_plan(shards.counts, config.batch_size, world, seed, epoch, role, roles, start_batch)  # split
     samples = stages.read_shards(plan.segments, shards.urls, faults, strict=config.strict)  # source
-    samples = stages.shuffle(samples, config.shuffle_buffer, seed + (1,))
+    samples = stages.shuffle(samples, config.shuffle_buffer, seeds + (1,))
     samples = stages.skip(samples, plan.skip_batches * config.batch_size)  # resume: drop before decoding
     batches = stages.batch(samples, config.batch_size, plan.num_batches - plan.skip_batches)
-    batches = stages.attach_random(batches, random_width(augmentations), seed + (2,), first=plan.skip_batches)
+    batches = stages.attach_random(batches, random_width(augmentations), seeds + (2,), first=plan.skip_batches)
     return stages.decode(batches, get_decoder(config.decoder), augmentations, image_size,  # decode + augment
                          shards.num_classes, faults, strict=config.strict, ring=config.prefetch_factor + 2 if shared else 0)
 
@@ -51,9 +52,10 @@ def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, epoch
 class _EpochStream(IterableDataset):
     """One epoch of one rank, split over the DataLoader's workers (picklable: plain values only)."""
 
-    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, epoch: int, start_batch: int):
+    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, seed: int, epoch: int,
+                 start_batch: int):
         super().__init__()
-        self.shards, self.config, self.world = shards, config, world
+        self.shards, self.config, self.world, self.seed = shards, config, world, seed
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple]:
@@ -61,7 +63,7 @@ class _EpochStream(IterableDataset):
         roles, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         # the DataLoader asks worker 0 first; after a resume at batch k that must be role k % roles
         role = (worker + self.start_batch) % roles
-        batches = train_pipeline(self.shards, self.config, self.world, self.epoch, role, roles,
+        batches = train_pipeline(self.shards, self.config, self.world, self.seed, self.epoch, role, roles,
                                  start_batch=self.start_batch, shared=info is not None)
         return batches if info is None else _send_from_ring(batches, worker)
 
@@ -112,8 +114,8 @@ class TrainLoader:
     the remaining batches of that epoch. Resume needs the same seed, batch size, world and workers.
     """
 
-    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World):
-        self.shards, self.config, self.world = shards, config, world
+    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, seed: int = 0):
+        self.shards, self.config, self.world, self.seed = shards, config, world, seed
         self.stats = LoaderStats()
         self.epoch = 0
         self._position = 0
@@ -126,7 +128,7 @@ class TrainLoader:
     @property
     def num_classes(self) -> Optional[int]:
         """Classes in the data set (from the manifest or the shards)."""
-        return self.shards.num_classes if self.config.num_classes is None else self.config.num_classes
+        return self.shards.num_classes
 
     @property
     def num_samples(self) -> int:
@@ -152,7 +154,7 @@ class TrainLoader:
     def state_dict(self) -> dict[str, int]:
         """The position inside the epoch, plus what must match on resume."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self._position,
-                "seed": self.config.seed, "batch_size": self.config.batch_size, "rank": self.world.rank,
+                "seed": self.seed, "batch_size": self.config.batch_size, "rank": self.world.rank,
                 "world_size": self.world.world_size, "workers": max(1, self.config.workers),
                 "num_samples": self.num_samples}
 
@@ -185,7 +187,7 @@ class TrainLoader:
 
     def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
         """This epoch's `(images, labels, faults)` from `start`; from workers, still in their ring buffers."""
-        stream = _EpochStream(self.shards, self.config, self.world, self.epoch, start)
+        stream = _EpochStream(self.shards, self.config, self.world, self.seed, self.epoch, start)
         if self.config.workers == 0:
             yield from stream
             return
@@ -217,18 +219,23 @@ class TrainLoader:
             yield images, labels
 
 
-def build_train_loader(source: Source, config: PipelineConfig, world: Optional[World] = None,
-                       manifest: Optional[Union[str, "os.PathLike[str]"]] = None) -> TrainLoader:
+def build_train_loader(source: Optional[Source], config: PipelineConfig, world: Optional[World] = None,
+                       manifest: Optional[Union[str, "os.PathLike[str]"]] = None, seed: int = 0) -> TrainLoader:
     """A TrainLoader over `source` (shard dir, manifest, brace pattern, shard list or `pipe:` URLs).
 
-    `manifest` supplies sample counts for a list of remote (`pipe:`) shards, matched by file name.
-
+    Args:
+        source: the shards; None = ``config.shards``.
+        config: the pipeline section.
+        world: this rank and the world size (default: a single process).
+        manifest: sample counts for a list of remote (`pipe:`) shards, matched by file name;
+            None = ``config.manifest`` when set.
+        seed: the run's seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker).
     Raises:
         InputError: the source cannot be resolved, or yields no batch for this world and batch size.
     """
     world = world or World()
-    shards = resolve_source(source, manifest)
-    loader = TrainLoader(shards, config, world)
+    shards = resolve_source(config.shards if source is None else source, manifest or config.manifest or None)
+    loader = TrainLoader(shards, config, world, seed)
     if len(loader) == 0:
         raise InputError(shards.urls[0] if len(shards.urls) == 1 else None,
                          f"{shards.num_samples} samples give no batch of {config.batch_size} "

@@ -1,170 +1,174 @@
-"""Training configuration: frozen dataclasses, built once, validated in one place.
+"""Training configuration: one frozen :class:`TrainConfig` composed of each layer's own section.
 
-A run is described by one :class:`TrainConfig` made of small sections (model, head,
-data, optim, schedule, amp, dist, checkpoint, eval, log). It is built from a plain
-nested mapping — a ``--config`` TOML/YAML file, with CLI flags laid over it — by
-:func:`build_config`, which coerces types, rejects unknown keys and runs
-:func:`validate`. Nothing writes back into a config: derived values (steps per
-epoch, the scaled learning rate, the device) are computed where they are used.
-The resolved config is saved beside each run as ``config.json``.
+The model layer owns ``model`` and ``head`` (:mod:`lresnet.model.config`), the pipeline owns
+``data`` (:class:`lresnet.pipeline.PipelineConfig`, handed to the loader as it is), and this
+module owns the training sections (optim, schedule, amp, dist, checkpoint, eval, log). Every
+field is declared once with :func:`lresnet.core.schema.option`: its default, help, flag, allowed
+values and range. The CLI flags, the config-file keys and the checks are generated from those
+declarations, so adding an option is adding one field.
+
+:func:`build_config` lays CLI flags over a ``--config`` TOML/YAML/JSON file; nothing writes back
+into a config: derived values (steps per epoch, the scaled learning rate, the device) are
+computed where they are used. The resolved config is saved beside each run as ``config.json``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from lresnet.core.device import AMP_DTYPES, DEVICE_KINDS
 from lresnet.core.errors import InputError
+from lresnet.core.schema import Section, at_least, between, build, greater, merge, option, to_plain
+from lresnet.model.config import HeadConfig, ModelConfig
+from lresnet.pipeline.config import PipelineConfig
 
-HEADS = ("arcface", "cosface", "combined")
-SCHEDULES = ("multistep", "poly", "cosine", "constant")
-AMP_DTYPES = ("bf16", "fp16")
-DEVICES = ("cpu", "cuda", "npu")
-BACKENDS = ("auto", "gloo", "nccl", "hccl")
-DECODERS = ("simplejpeg", "turbojpeg", "pillow")
-AUGMENTATIONS = ("crop", "color", "blur", "gray")
 NET_MODES = {"ir": "ir", "ir_se": "irse", "irse": "irse"}
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Backbone: a registry name (``lresnet model-info`` lists them)."""
+def schedule_kinds() -> tuple[str, ...]:
+    from lresnet.train.schedule import SCHEDULE_KINDS
 
-    net: str = "ir100e"
-    embedding_size: int = 512
-    dropout: float = 0.0
-    channels_last: bool = True
-    options: dict[str, Any] = field(default_factory=dict)  # extra backbone kwargs, e.g. widths = [16, 32, 64, 128]
+    return SCHEDULE_KINDS
 
 
-@dataclass(frozen=True)
-class HeadConfig:
-    """Margin head. ``partial_fc`` shards the class centres across ranks."""
+def dist_backends() -> tuple[str, ...]:
+    from lresnet.train.dist import BACKENDS
 
-    name: str = "arcface"
-    s: float = 64.0
-    m: Optional[float] = None  # arcface: 0.5, cosface: 0.4
-    m1: float = 1.0
-    m2: float = 0.5
-    m3: float = 0.0
-    partial_fc: bool = False
-    sample_rate: float = 1.0
+    return BACKENDS
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Training data: a shard directory, manifest, brace pattern, or ``synthetic``."""
-
-    shards: str = ""
-    manifest: str = ""  # sample counts for remote (pipe:) shards; local shards find theirs
-    batch_size: int = 128  # per device
-    workers: int = 2
-    shuffle_buffer: int = 2000
-    decoder: str = "simplejpeg"
-    flip: bool = True
-    augment: tuple[str, ...] = ()  # extra augmentations: crop, color, blur, gray (off by default)
-    strict: bool = False
-    synthetic_classes: int = 1000  # only for shards = "synthetic"
-
-
-@dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Section):
     """SGD. Weight decay on conv/linear weights and head centres; none on BN/PReLU/bias."""
 
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    decay_norm_and_bias: bool = False
-    decay_head: bool = True
-    scale_lr: bool = False  # lr * global_batch / base_batch
-    base_batch: int = 512
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    PANEL = "Optimiser"
+
+    lr: float = option(0.1, help="Base learning rate.", check=greater(0))
+    momentum: float = option(0.9, help="SGD momentum.", check=between(0, 1))
+    nesterov: bool = option(False, help="Nesterov momentum.")
+    weight_decay: float = option(5e-4, help="Weight decay of conv/linear weights (and the head's centres).",
+                                 check=at_least(0))
+    decay_norm_and_bias: bool = option(False, help="Also decay BatchNorm, PReLU and bias parameters.")
+    decay_head: bool = option(True, help="Decay the head's class centres.")
+    scale_lr: bool = option(False, help="Scale the rate with the batch: lr x global batch / --base-batch.")
+    base_batch: int = option(512, help="The global batch --lr is meant for, with --scale-lr.", check=greater(0))
+    grad_clip: float = option(0.0, help="Max global gradient norm (0 = off).", check=at_least(0))
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(Section):
     """LR as a function of the step; milestones and warmup are given in epochs."""
 
-    kind: str = "multistep"
-    epochs: int = 20
-    max_steps: int = 0  # 0: epochs * steps per epoch
-    start_epoch: int = 0
-    warmup_epochs: float = 0.0
-    milestones: tuple[float, ...] = (12.0, 15.0, 18.0)
-    gamma: float = 0.1
-    power: float = 2.0
-    min_lr: float = 0.0
+    PANEL = "Schedule"
+
+    kind: str = option("multistep", flag="--schedule", help="LR schedule.", choices=schedule_kinds)
+    epochs: int = option(20, help="Epochs of the run.", check=greater(0))
+    max_steps: int = option(0, aliases=("--max-iter",), help="Stop after this many steps (0 = epochs x steps "
+                            "per epoch).", check=at_least(0))
+    start_epoch: int = option(0, help="Start at this epoch (a fresh run skips the schedule ahead).",
+                              check=at_least(0))
+    warmup_epochs: float = option(0.0, help="Linear warmup, in epochs.", check=at_least(0))
+    milestones: tuple[float, ...] = option((12.0, 15.0, 18.0), help="multistep: epochs at which the rate drops, "
+                                           "comma-separated.", check=greater(0), metavar="EPOCHS")
+    gamma: float = option(0.1, help="multistep: factor at each milestone.", check=between(0, 1, lo_open=True,
+                                                                                          hi_open=False))
+    power: float = option(2.0, help="poly: the exponent.", check=greater(0))
+    min_lr: float = option(0.0, help="poly/cosine: the final rate.", check=at_least(0))
+
+    def check(self) -> None:
+        if self.start_epoch >= self.epochs:
+            raise InputError("start_epoch", f"got {self.start_epoch}, expected in [0, {self.epochs})")
+        if self.warmup_epochs >= self.epochs:
+            raise InputError("warmup_epochs", f"got {self.warmup_epochs}, expected in [0, {self.epochs})")
+        if list(self.milestones) != sorted(self.milestones):
+            raise InputError("milestones", f"got {list(self.milestones)}, expected increasing positive epochs")
 
 
 @dataclass(frozen=True)
-class AmpConfig:
+class AmpConfig(Section):
     """One AMP path: bf16 autocast, or fp16 autocast + GradScaler."""
 
-    enabled: bool = False
-    dtype: str = "bf16"
-    loss_scale: float = 65536.0  # fp16: initial scale
-    dynamic_loss_scale: bool = True  # False: the scale never grows (it still backs off on overflow)
+    PANEL = "Precision"
+
+    enabled: bool = option(False, flag="--amp", help="Mixed precision (autocast).")
+    dtype: str = option("bf16", flag="--amp-dtype", help="Autocast dtype.", choices=AMP_DTYPES)
+    loss_scale: float = option(65536.0, help="fp16: initial loss scale.", check=greater(0))
+    dynamic_loss_scale: bool = option(True, negative="--static-loss-scale",
+                                      help="fp16: let the scale grow (a static one still backs off on overflow).")
 
 
 @dataclass(frozen=True)
-class DistConfig:
+class DistConfig(Section):
     """Device and process group. Rank/world come from torchrun's environment."""
 
-    device: str = "cpu"
-    device_id: int = -1  # -1: LOCAL_RANK under torchrun, else 0
-    backend: str = "auto"
+    PANEL = "Distributed"
+
+    device: str = option("cpu", help="Device type.", choices=DEVICE_KINDS)
+    device_id: int = option(-1, help="Device index (-1: LOCAL_RANK under torchrun, else 0).", check=at_least(-1))
+    backend: str = option("auto", flag="--dist-backend", help="Process-group backend (auto: gloo on cpu, nccl on "
+                          "cuda, hccl on npu).", choices=dist_backends)
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """Checkpoints in RUN_DIR: every N steps and at the end; last K kept plus the best."""
 
-    every: int = 1000
-    keep_last: int = 3
-    keep_best: bool = True
-    resume: bool = True  # continue from the newest checkpoint in RUN_DIR
+    PANEL = "Checkpoints"
+
+    every: int = option(1000, flag="--ckpt-every", help="Checkpoint every N steps (0 = only at the end).",
+                        check=at_least(0))
+    keep_last: int = option(3, help="Checkpoints kept (newest first), besides best.pt.", check=at_least(1))
+    keep_best: bool = option(True, help="Keep best.pt, the checkpoint with the best verification accuracy.")
+    resume: bool = option(True, help="Continue from the newest checkpoint in --out.")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     """In-run verification on rank 0 (through lresnet.eval)."""
 
-    val: Optional[str] = None  # directory with <set>.tar / <set>.bin
-    sets: tuple[str, ...] = ()  # empty: every set found in `val`
-    every: int = 2000  # steps; 0: only at epoch ends
-    at_epoch_end: bool = True
-    batch_size: int = 128
-    flip: bool = True
+    PANEL = "Verification"
+
+    val: Optional[str] = option(None, help="Verification sets dir (OUT/val of convert-rec).")
+    sets: tuple[str, ...] = option((), flag="--val-set", repeat=True, metavar="NAME",
+                                   help="Set to verify on (repeat); default: all in --val.")
+    every: int = option(2000, flag="--eval-every", help="Verify every N steps (0 = only at epoch ends).",
+                        check=at_least(0))
+    at_epoch_end: bool = option(True, flag="--eval-at-epoch-end", help="Also verify at each epoch end.")
+    batch_size: int = option(128, flag="--eval-batch-size", help="Images per forward when verifying.",
+                             check=greater(0))
+    flip: bool = option(True, flag="--eval-flip", help="Flip test-time augmentation when verifying.")
 
 
 @dataclass(frozen=True)
-class LogConfig:
+class LogConfig(Section):
     """Metrics: JSONL always, TensorBoard when installed."""
 
-    every: int = 50
-    tensorboard: bool = True
+    PANEL = "Logging"
+
+    every: int = option(50, flag="--log-every", help="Log (and read the loss from the device) every N steps.",
+                        check=at_least(1))
+    tensorboard: bool = option(True, help="Also write TensorBoard scalars (when tensorboard is installed).")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Everything one training run needs."""
 
-    out: str = "runs/lresnet"
-    seed: int = 0
-    deterministic: bool = False
-    max_nonfinite: int = 10  # consecutive non-finite steps before aborting
-    threads: int = 0  # torch CPU threads per process; 0 = torch's default
+    out: str = option("runs/lresnet", panel="Checkpoints", help="Run directory (checkpoints, metrics, config.json).")
+    seed: int = option(0, panel="Data", help="Seed of the data order, augmentation and initial weights.",
+                       check=at_least(0))
+    deterministic: bool = option(False, panel="Distributed", help="torch deterministic algorithms (slower).")
+    max_nonfinite: int = option(10, panel="Optimiser", help="Abort after K non-finite steps in a row.",
+                                check=at_least(1))
+    threads: int = option(0, panel="Distributed", help="torch CPU threads per process (0 = torch's default).",
+                          check=at_least(0))
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     amp: AmpConfig = field(default_factory=AmpConfig)
@@ -173,9 +177,13 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)
-                             if f.default_factory is not dataclasses.MISSING}
+    def check(self) -> None:
+        if self.schedule.min_lr > self.optim.lr:
+            raise InputError("schedule.min_lr", f"got {self.schedule.min_lr}, expected in [0, optim.lr={self.optim.lr}]")
+        if self.eval.sets and not self.eval.val:
+            raise InputError("eval.sets", f"got {list(self.eval.sets)}, expected --val DIR to read them from")
+        if not self.out:
+            raise InputError("out", f"got {self.out!r}, expected a run directory")
 
 
 def net_name(mode: str, depth: int) -> str:
@@ -187,112 +195,59 @@ def net_name(mode: str, depth: int) -> str:
 
 # ----------------------------------------------------------------------------- building
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a TOML/YAML/JSON value to the field type `tp`, or raise InputError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise InputError(key, f"got {value!r}, expected a table of name = value")
-        return {str(k): v for k, v in value.items()}
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
-        if not isinstance(value, (list, tuple)):
-            raise InputError(key, f"got {value!r}, expected a list")
-        item = typing.get_args(tp)[0]
-        return tuple(_coerce(v, item, key) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise InputError(key, f"got {value!r}, expected true or false")
-    if tp in (int, float):
-        kind, accepted = ("an integer", (int, str)) if tp is int else ("a number", (int, float, str))
-        if isinstance(value, bool) or not isinstance(value, accepted):
-            raise InputError(key, f"got {value!r}, expected {kind}")
-        try:
-            return tp(value)
-        except ValueError:
-            raise InputError(key, f"got {value!r}, expected {kind}") from None
-    if tp is str:
-        if not isinstance(value, (str, os.PathLike)):
-            raise InputError(key, f"got {value!r}, expected a string")
-        return os.fspath(value)
-    raise InputError(key, f"unsupported field type {tp!r}")
+def _parse_toml(fh) -> Any:
+    import tomllib
+
+    return tomllib.load(fh)
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"{prefix}{unknown[0]}", f"unknown option, expected one of {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name in SECTIONS and cls is TrainConfig:
-            if not isinstance(value, Mapping):
-                raise InputError(key, f"got {value!r}, expected a table of options")
-            kwargs[name] = _build(SECTIONS[name], value, f"{key}.")
-        else:
-            kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
+def _parse_yaml(fh) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise InputError(fh.name, "YAML configs need pyyaml (pip install 'lresnet[yaml]'), or use TOML") from None
+    try:
+        return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(" ".join(str(err).split())) from None
 
 
-def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge two nested mappings; `override` wins, ``None`` values in it are ignored."""
-    out = dict(base)
-    for key, value in override.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping) and key in SECTIONS:
-            base_section = out.get(key)
-            out[key] = merge(base_section if isinstance(base_section, Mapping) else {}, value)
-        else:
-            out[key] = value
-    return out
+_PARSERS = {".toml": ("rb", _parse_toml), ".yaml": ("r", _parse_yaml), ".yml": ("r", _parse_yaml),
+            ".json": ("r", json.load)}
 
 
 def load_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a ``.toml`` (tomllib) or ``.yaml``/``.yml`` (needs pyyaml) config file into a nested dict."""
+    """Read a ``.toml`` (tomllib), ``.yaml``/``.yml`` (needs pyyaml) or ``.json`` config file into a nested dict."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "config file not found")
     suffix = path.suffix.lower()
+    if suffix not in _PARSERS:
+        raise InputError(path, f"got suffix {suffix!r}, expected one of {sorted(_PARSERS)}")
+    mode, parse = _PARSERS[suffix]
     try:
-        if suffix == ".toml":
-            import tomllib
-
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise InputError(path, "YAML configs need pyyaml (pip install pyyaml), or use TOML") from None
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
-        elif suffix == ".json":
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        else:
-            raise InputError(path, f"got suffix {suffix!r}, expected one of ['.json', '.toml', '.yaml', '.yml']")
-    except InputError:
-        raise
-    except Exception as err:  # tomllib/yaml/json syntax errors carry a line number in the message
+        with open(path, mode, **({} if mode == "rb" else {"encoding": "utf-8"})) as fh:
+            data = parse(fh)
+    except OSError as err:
+        raise InputError(path, f"cannot read config: {err.strerror or err}") from None
+    except ValueError as err:  # TOML, JSON and (re-raised) YAML syntax errors, with their line numbers
+        if isinstance(err, InputError):
+            raise
         raise InputError(path, f"cannot parse config: {err}") from None
     if not isinstance(data, Mapping):
         raise InputError(path, "expected a table of options at the top level")
     return dict(data)
 
 
-def build_config(values: Mapping[str, Any] | None = None, config_file: Union[str, Path, None] = None) -> TrainConfig:
+def validate(cfg: TrainConfig) -> None:
+    """What a run needs beyond valid values: a data source. (Every value was checked when it was set.)"""
+    if not cfg.data.shards:
+        raise InputError("data.shards", f"got {cfg.data.shards!r}, expected a shard directory, manifest, "
+                                        "pattern or 'synthetic'")
+
+
+def build_config(values: Optional[Mapping[str, Any]] = None,
+                 config_file: Union[str, Path, None] = None) -> TrainConfig:
     """Build and validate a :class:`TrainConfig`.
 
     Args:
@@ -302,20 +257,19 @@ def build_config(values: Mapping[str, Any] | None = None, config_file: Union[str
         InputError: an unknown option, a wrong type or a value out of range.
     """
     data: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    data = merge(data, values or {})
-    cfg = _build(TrainConfig, data, "")
+    cfg = build(TrainConfig, merge(data, values or {}))
     validate(cfg)
     return cfg
 
 
 def replace(cfg: TrainConfig, **sections: Mapping[str, Any]) -> TrainConfig:
-    """A copy of `cfg` with some section fields changed, validated again: ``replace(cfg, optim={"lr": 0.01})``."""
+    """A copy of `cfg` with some section fields changed, checked again: ``replace(cfg, optim={"lr": 0.01})``."""
     return build_config(merge(to_dict(cfg), sections))
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The config as plain JSON-able data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return to_plain(cfg)
 
 
 def save_config(cfg: TrainConfig, run_dir: Union[str, Path]) -> Path:
@@ -326,88 +280,3 @@ def save_config(cfg: TrainConfig, run_dir: Union[str, Path]) -> Path:
     tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-# ----------------------------------------------------------------------------- validation
-
-def _choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        raise InputError(key, f"got {value!r}, expected one of {allowed}")
-
-
-def _check(key: str, ok: bool, value: Any, expected: str) -> None:
-    if not ok:
-        raise InputError(key, f"got {value!r}, expected {expected}")
-
-
-def _known_backbones() -> list[str] | None:
-    try:
-        from lresnet.model import list_backbones
-    except ImportError:
-        return None
-    return list(list_backbones())
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Check every choice and range of `cfg`; raise InputError ("got X, expected Y") on the first bad one."""
-    nets = _known_backbones()
-    if nets is not None:
-        _choice("model.net", cfg.model.net, nets)
-    _check("model.embedding_size", cfg.model.embedding_size > 0, cfg.model.embedding_size, "> 0")
-    _check("model.dropout", 0.0 <= cfg.model.dropout < 1.0, cfg.model.dropout, "in [0, 1)")
-
-    _choice("head.name", cfg.head.name, HEADS)
-    _check("head.s", cfg.head.s > 0, cfg.head.s, "> 0")
-    _check("head.m", cfg.head.m is None or 0 <= cfg.head.m < math.pi, cfg.head.m, "in [0, pi)")
-    _check("head.sample_rate", 0.0 < cfg.head.sample_rate <= 1.0, cfg.head.sample_rate, "in (0, 1]")
-    if cfg.head.sample_rate < 1.0 and not cfg.head.partial_fc:
-        raise InputError("head.sample_rate", f"got {cfg.head.sample_rate}, expected 1.0 unless head.partial_fc is on")
-
-    _check("data.shards", bool(cfg.data.shards), cfg.data.shards, "a shard directory, manifest, pattern or 'synthetic'")
-    _check("data.batch_size", cfg.data.batch_size > 0, cfg.data.batch_size, "> 0")
-    _check("data.workers", cfg.data.workers >= 0, cfg.data.workers, ">= 0")
-    _check("data.shuffle_buffer", cfg.data.shuffle_buffer >= 0, cfg.data.shuffle_buffer, ">= 0")
-    _choice("data.decoder", cfg.data.decoder, DECODERS)
-    for name in cfg.data.augment:
-        _choice("data.augment", name, AUGMENTATIONS)
-    _check("data.synthetic_classes", cfg.data.synthetic_classes > 1, cfg.data.synthetic_classes, "> 1")
-
-    o = cfg.optim
-    _check("optim.lr", o.lr > 0 and math.isfinite(o.lr), o.lr, "a positive number")
-    _check("optim.momentum", 0.0 <= o.momentum < 1.0, o.momentum, "in [0, 1)")
-    _check("optim.weight_decay", o.weight_decay >= 0, o.weight_decay, ">= 0")
-    _check("optim.base_batch", o.base_batch > 0, o.base_batch, "> 0")
-    _check("optim.grad_clip", o.grad_clip >= 0, o.grad_clip, ">= 0 (0 = off)")
-
-    s = cfg.schedule
-    _choice("schedule.kind", s.kind, SCHEDULES)
-    _check("schedule.epochs", s.epochs > 0, s.epochs, "> 0")
-    _check("schedule.max_steps", s.max_steps >= 0, s.max_steps, ">= 0 (0 = epochs x steps per epoch)")
-    _check("schedule.start_epoch", 0 <= s.start_epoch < s.epochs, s.start_epoch, f"in [0, {s.epochs})")
-    _check("schedule.warmup_epochs", 0 <= s.warmup_epochs < s.epochs, s.warmup_epochs, f"in [0, {s.epochs})")
-    _check("schedule.milestones", list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
-           list(s.milestones), "increasing positive epochs")
-    _check("schedule.gamma", 0 < s.gamma <= 1, s.gamma, "in (0, 1]")
-    _check("schedule.power", s.power > 0, s.power, "> 0")
-    _check("schedule.min_lr", 0 <= s.min_lr <= o.lr, s.min_lr, f"in [0, optim.lr={o.lr}]")
-
-    _choice("amp.dtype", cfg.amp.dtype, AMP_DTYPES)
-    _check("amp.loss_scale", cfg.amp.loss_scale > 0, cfg.amp.loss_scale, "> 0")
-
-    _choice("dist.device", cfg.dist.device, DEVICES)
-    _choice("dist.backend", cfg.dist.backend, BACKENDS)
-    _check("dist.device_id", cfg.dist.device_id >= -1, cfg.dist.device_id, ">= 0, or -1 for LOCAL_RANK")
-
-    _check("checkpoint.every", cfg.checkpoint.every >= 0, cfg.checkpoint.every, ">= 0 (0 = only at the end)")
-    _check("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, cfg.checkpoint.keep_last, ">= 1")
-
-    _check("eval.every", cfg.eval.every >= 0, cfg.eval.every, ">= 0 (0 = only at epoch ends)")
-    _check("eval.batch_size", cfg.eval.batch_size > 0, cfg.eval.batch_size, "> 0")
-    if cfg.eval.sets and not cfg.eval.val:
-        raise InputError("eval.sets", f"got {list(cfg.eval.sets)}, expected --val DIR to read them from")
-
-    _check("log.every", cfg.log.every >= 1, cfg.log.every, ">= 1")
-    _check("threads", cfg.threads >= 0, cfg.threads, ">= 0 (0 = torch's default)")
-    _check("max_nonfinite", cfg.max_nonfinite >= 1, cfg.max_nonfinite, ">= 1")
-    _check("out", bool(cfg.out), cfg.out, "a run directory")

@@ -32,6 +32,7 @@ from lresnet.train.config import DistConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+BACKENDS = ("auto", *DEFAULT_BACKEND.values())
 
 
 @dataclass(frozen=True)

@@ -135,17 +135,14 @@ def seed_everything(seed: int) -> None:
 
 def build_loader(cfg: TrainConfig, ctx: DistContext):
     """The per-rank training loader: shards through lresnet.pipeline, or its synthetic source."""
-    from lresnet.pipeline import PipelineConfig, SyntheticSource, build_train_loader
+    from lresnet.pipeline import SyntheticSource, build_train_loader
 
     d = cfg.data
     if d.shards == "synthetic":
         steps = cfg.schedule.max_steps or 100
         return SyntheticSource(batch_size=d.batch_size, num_classes=d.synthetic_classes, steps=steps,
                                seed=cfg.seed + ctx.world.rank)
-    pcfg = PipelineConfig(batch_size=d.batch_size, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
-                          seed=cfg.seed, decoder=d.decoder, flip=d.flip, augment=d.augment,
-                          strict=d.strict)
-    return build_train_loader(d.shards, pcfg, ctx.world, manifest=d.manifest or None)
+    return build_train_loader(None, d, ctx.world, seed=cfg.seed)
 
 
 def build_networks(cfg: TrainConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module, bool]:

@@ -17,6 +17,8 @@ from torch import nn
 
 from lresnet.train.config import OptimConfig, ScheduleConfig
 
+SCHEDULE_KINDS = ("multistep", "poly", "cosine", "constant")
+
 
 @dataclass(frozen=True)
 class LRSchedule:

@@ -49,7 +49,7 @@ def test_turbojpeg_missing_is_explained():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size: got 0, expected > 0"):
         PipelineConfig(batch_size=0)
     with pytest.raises(ValueError, match="got 'rotate'"):
         PipelineConfig(augment=["rotate"])

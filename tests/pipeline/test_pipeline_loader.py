@@ -17,10 +17,17 @@ def _labels(loader):
     return [lab for _, labels in loader for lab in labels.tolist()]
 
 
+SEED = 5
+
+
 def _config(**kw):
-    base = dict(batch_size=8, workers=0, shuffle_buffer=16, seed=5, pin_memory=False)
+    base = dict(batch_size=8, workers=0, shuffle_buffer=16, pin_memory=False)
     base.update(kw)
     return PipelineConfig(**base)
+
+
+def _loader(source, config, world=None, **kw):
+    return build_train_loader(source, config, world, seed=SEED, **kw)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -29,7 +36,7 @@ def test_ranks_are_disjoint_equal_and_nearly_complete(synth_shards, workers):
     seen = []
     lengths = set()
     for rank in range(world_size):
-        loader = build_train_loader(synth_shards, _config(workers=workers), World(rank, world_size))
+        loader = _loader(synth_shards, _config(workers=workers), World(rank, world_size))
         loader.set_epoch(1)
         labels = _labels(loader)
         assert len(labels) == len(loader) * 8
@@ -43,7 +50,7 @@ def test_ranks_are_disjoint_equal_and_nearly_complete(synth_shards, workers):
 
 def test_batches_held_by_the_caller_stay_intact(synth_shards):
     # workers write into a small ring of shared buffers; what the caller keeps must not change
-    loader = build_train_loader(synth_shards, _config(workers=2, prefetch_factor=1), World())
+    loader = _loader(synth_shards, _config(workers=2, prefetch_factor=1), World())
     held = list(loader)
     labels = [lab for _, batch_labels in held for lab in batch_labels.tolist()]
     assert len(held) == len(loader) > 2 * (1 + 2)
@@ -54,7 +61,7 @@ def test_batches_held_by_the_caller_stay_intact(synth_shards):
 def test_three_ranks_seven_uneven_shards_end_to_end(uneven_shards):
     seen, lengths = [], set()
     for rank in range(3):
-        loader = build_train_loader(uneven_shards, _config(workers=2 if rank == 1 else 0), World(rank, 3))
+        loader = _loader(uneven_shards, _config(workers=2 if rank == 1 else 0), World(rank, 3))
         assert loader.num_samples == SAMPLES and loader.num_classes == SAMPLES  # counted from the tar headers
         labels = _labels(loader)
         lengths.add((len(loader), len(labels)))
@@ -65,13 +72,13 @@ def test_three_ranks_seven_uneven_shards_end_to_end(uneven_shards):
 
 def test_worker_count_does_not_change_what_a_rank_reads(synth_shards):
     world = World(1, 3)
-    in_process = build_train_loader(synth_shards, _config(workers=0), world)
-    two = build_train_loader(synth_shards, _config(workers=2), world)
+    in_process = _loader(synth_shards, _config(workers=0), world)
+    two = _loader(synth_shards, _config(workers=2), world)
     assert sorted(_labels(in_process)) == sorted(_labels(two))
 
 
 def test_each_epoch_a_new_order_and_the_same_epoch_the_same(synth_shards):
-    loader = build_train_loader(synth_shards, _config(), World(0, 2))
+    loader = _loader(synth_shards, _config(), World(0, 2))
     epochs = []
     for epoch in (0, 1, 0):
         loader.set_epoch(epoch)
@@ -85,11 +92,11 @@ def test_each_epoch_a_new_order_and_the_same_epoch_the_same(synth_shards):
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(synth_shards, workers, stop):
     config = _config(workers=workers)
     world = World(2, 3)
-    full = build_train_loader(synth_shards, config, world)
+    full = _loader(synth_shards, config, world)
     full.set_epoch(3)
     expected = [(images.clone(), labels.clone()) for images, labels in full]
 
-    first = build_train_loader(synth_shards, config, world)
+    first = _loader(synth_shards, config, world)
     first.set_epoch(3)
     it = iter(first)
     for _ in range(stop):
@@ -97,7 +104,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(synth_shards, wor
     state = first.state_dict()
     assert state["position"] == stop and state["epoch"] == 3
 
-    resumed = build_train_loader(synth_shards, config, world)
+    resumed = _loader(synth_shards, config, world)
     resumed.load_state_dict(state)
     resumed.set_epoch(3)  # the trainer's usual call keeps the resumed position
     rest = list(resumed)
@@ -109,15 +116,15 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(synth_shards, wor
 
 
 def test_state_from_another_setup_is_refused(synth_shards):
-    loader = build_train_loader(synth_shards, _config(), World(0, 2))
+    loader = _loader(synth_shards, _config(), World(0, 2))
     state = loader.state_dict()
-    other = build_train_loader(synth_shards, _config(batch_size=4), World(0, 2))
+    other = _loader(synth_shards, _config(batch_size=4), World(0, 2))
     with pytest.raises(ValueError, match="batch_size"):
         other.load_state_dict(state)
 
 
 def test_prefetcher_state_does_not_count_the_batch_held_ahead(synth_shards):
-    loader = build_train_loader(synth_shards, _config(), World())
+    loader = _loader(synth_shards, _config(), World())
     batches = DevicePrefetcher(loader, "cpu")
     it = iter(batches)
     images, labels = next(it)
@@ -132,10 +139,10 @@ def test_source_forms_agree(synth_shards):
     tars = sorted(str(p) for p in train.glob("train-*.tar"))
     forms = [synth_shards, train, train / "manifest.json", str(train / "train-{000000..000006}.tar"), tars,
              [f"pipe:cat {t}" for t in tars[:3]] + tars[3:], [f"pipe:cat {t}" for t in tars]]
-    reference = _labels(build_train_loader(synth_shards, _config(), World()))
+    reference = _labels(_loader(synth_shards, _config(), World()))
     for form in forms:
         manifest = train / "manifest.json" if isinstance(form, list) and form[0].startswith("pipe:") else None
-        loader = build_train_loader(form, _config(), World(), manifest=manifest)
+        loader = _loader(form, _config(), World(), manifest=manifest)
         assert loader.num_samples == SAMPLES and loader.num_classes == SAMPLES
         assert _labels(loader) == reference
 
@@ -143,7 +150,7 @@ def test_source_forms_agree(synth_shards):
 def test_list_without_manifest_is_counted(tmp_path, synth_shards):
     for i in (0, 1):
         shutil.copy(synth_shards / "train" / f"train-00000{i}.tar", tmp_path)
-    loader = build_train_loader(sorted(str(p) for p in tmp_path.glob("*.tar")), _config(), World())
+    loader = _loader(sorted(str(p) for p in tmp_path.glob("*.tar")), _config(), World())
     assert loader.num_samples == 74 and len(loader) == 9
 
 
@@ -155,26 +162,26 @@ def test_unfinished_conversion_is_refused(tmp_path, synth_shards, below):
     (out / "train" / "convert-state.json").write_text("{}")
     folder = out / below if below else out
     with pytest.raises(InputError, match="conversion not finished: no manifest.json") as err:
-        build_train_loader(folder, _config(), World())
+        _loader(folder, _config(), World())
     assert str(out / "train") in str(err.value) and "rerun convert-rec" in str(err.value)
 
 
 def test_failing_pipe_command_is_an_input_error(synth_shards):
     train = synth_shards / "train"
     urls = [f"pipe:cat /nonexistent/train-00000{i}.tar" for i in range(7)]
-    loader = build_train_loader(urls, _config(), World(), manifest=train / "manifest.json")
+    loader = _loader(urls, _config(), World(), manifest=train / "manifest.json")
     with pytest.raises(InputError, match="pipe:cat /nonexistent/train-"):
         _labels(loader)
 
 
 def test_remote_shards_need_a_manifest():
     with pytest.raises(InputError, match="manifest"):
-        build_train_loader(["pipe:cat /nonexistent/a.tar"], _config(), World())
+        _loader(["pipe:cat /nonexistent/a.tar"], _config(), World())
 
 
 def test_corrupt_jpeg_is_counted_and_skipped(damaged_shards):
     data, key = damaged_shards("corrupt")
-    loader = build_train_loader(data, _config(), World())
+    loader = _loader(data, _config(), World())
     labels = _labels(loader)
     assert loader.stats.corrupt_samples == 1
     fault = loader.stats.faults[0]
@@ -188,7 +195,7 @@ def test_corrupt_jpeg_is_counted_and_skipped(damaged_shards):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_jpeg_strict_names_shard_and_key(damaged_shards, workers):
     data, key = damaged_shards("corrupt")
-    loader = build_train_loader(data, _config(strict=True, shuffle_buffer=0, workers=workers), World())
+    loader = _loader(data, _config(strict=True, shuffle_buffer=0, workers=workers), World())
     for epoch in range(4):  # within a few epochs the sample is not among those left out
         loader.set_epoch(epoch)
         try:
@@ -202,7 +209,7 @@ def test_corrupt_jpeg_strict_names_shard_and_key(damaged_shards, workers):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_truncated_shard_is_reported_and_batches_keep_coming(damaged_shards, workers):
     data, _ = damaged_shards("truncated")
-    loader = build_train_loader(data, _config(workers=workers), World())
+    loader = _loader(data, _config(workers=workers), World())
     batches = list(loader)
     assert len(batches) == len(loader)
     assert loader.stats.truncated_shards >= 1
@@ -216,20 +223,20 @@ def test_truncated_shard_is_reported_and_batches_keep_coming(damaged_shards, wor
 @pytest.mark.parametrize("workers", [0, 2])
 def test_truncated_shard_strict_raises(damaged_shards, workers):
     data, _ = damaged_shards("truncated")
-    loader = build_train_loader(data, _config(strict=True, workers=workers), World())
+    loader = _loader(data, _config(strict=True, workers=workers), World())
     with pytest.raises(InputError, match="train-000002.tar: offset"):
         _labels(loader)
 
 
 def test_too_little_data_for_one_batch_is_an_input_error(synth_shards):
     with pytest.raises(InputError, match="no batch"):
-        build_train_loader(synth_shards, _config(batch_size=128), World(0, 2))
+        _loader(synth_shards, _config(batch_size=128), World(0, 2))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_are_pinned_for_cuda(synth_shards, workers):
-    loader = build_train_loader(synth_shards, _config(workers=workers, pin_memory=True), World())
+    loader = _loader(synth_shards, _config(workers=workers, pin_memory=True), World())
     images, labels = next(iter(loader))
     assert images.is_pinned() and labels.is_pinned()
     x, y = next(iter(DevicePrefetcher(loader, "cuda", dtype=torch.bfloat16)))
