@@ -6,7 +6,8 @@ Public API of the writing side::
                 sets=None, skip_corrupt=False, progress=None) -> ConvertSummary
     read_manifest(path_or_dir) -> dict
     verify_shards(out_dir) -> VerifyReport
-    TarShardWriter, iter_members, read_dali_index, write_dali_index   (shard files)
+    TarShardWriter, read_samples, read_shard, split_member_name, TarReadError,
+    iter_members, read_dali_index, write_dali_index        (the shard tar format: lresnet.convert.shards)
 
 The readers live in :mod:`lresnet.convert.recordio` and :mod:`lresnet.convert.pairs`.
 Nothing here imports torch.
@@ -19,14 +20,18 @@ from lresnet.convert.manifest import FORMAT as MANIFEST_FORMAT
 from lresnet.convert.manifest import read_manifest
 from lresnet.convert.shards import (
     ShardInfo,
+    TarReadError,
     TarShardWriter,
     iter_members,
     read_dali_index,
+    read_samples,
+    read_shard,
+    split_member_name,
     write_dali_index,
 )
 
 __all__ = [
     "ConvertSummary", "convert_rec", "shuffle_plan", "InputError", "VerifyReport", "summarize",
-    "verify_shards", "MANIFEST_FORMAT", "read_manifest", "ShardInfo", "TarShardWriter",
-    "iter_members", "read_dali_index", "write_dali_index",
+    "verify_shards", "MANIFEST_FORMAT", "read_manifest", "ShardInfo", "TarReadError", "TarShardWriter",
+    "iter_members", "read_dali_index", "read_samples", "read_shard", "split_member_name", "write_dali_index",
 ]

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lresnet.convert.shards import read_samples
 from lresnet.pipeline.config import PipelineConfig
 from lresnet.pipeline.loader import build_train_loader
 from lresnet.pipeline.shards import resolve_source
 from lresnet.pipeline.stages import open_shard
-from lresnet.pipeline.tario import read_samples
 
 @dataclass(frozen=True)
 class BenchResult:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from lresnet.core.errors import InputError
 from lresnet.convert.manifest import MANIFEST_NAME, STATE_NAME, TRAIN_DIR, manifest_path, read_manifest
+from lresnet.convert.shards import TarReadError, read_samples
+from lresnet.core.errors import InputError
 from lresnet.pipeline.stages import open_shard
-from lresnet.pipeline.tario import TarReadError, read_samples
 
 Source = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 

@@ -20,10 +20,10 @@ import numpy as np
 import numpy.random  # noqa: F401  (numpy loads it lazily: imported here, before workers fork, not once in each)
 import torch
 
+from lresnet.convert.shards import TarReadError, read_samples
 from lresnet.core.errors import InputError
 from lresnet.pipeline.augment import Augmentation, HorizontalFlip
 from lresnet.pipeline.plan import Segment
-from lresnet.pipeline.tario import TarReadError, read_samples
 
 
 Sample = dict[str, Any]

@@ -1,8 +1,10 @@
-"""The direct ustar writer: readable by GNU tar, tarfile and webdataset; DALI index; atomicity."""
+"""The shard tar module: the direct ustar writer (readable by GNU tar, tarfile and webdataset; DALI
+index; atomicity) and the one fast reader (against the standard library's writer, GNU tar and webdataset)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -13,11 +15,14 @@ import pytest
 
 from lresnet.core.errors import InputError
 from lresnet.convert.shards import (
+    TarReadError,
     TarShardWriter,
     file_sha256,
     iter_members,
     pack_jpg_cls,
     read_dali_index,
+    read_samples,
+    read_shard,
     remove_stale_temp_files,
     split_member_name,
     ustar_header,
@@ -152,18 +157,25 @@ def test_abort_keeps_an_earlier_complete_file(tmp_path):
 def test_iter_members_reads_headers_and_flags_damage(tmp_path):
     path = _write(tmp_path)
     members = list(iter_members(path, with_data=(".cls",)))
-    assert [m[0] for m in members] == [f"{k}.{e}" for k, m in SAMPLES for e, _ in m]
+    with tarfile.open(path) as tf:
+        assert [m[:3] for m in members] == [(m.name, m.offset_data, m.size) for m in tf.getmembers()]
     assert [m[3] for m in members if m[0].endswith(".cls")] == [m[1][1] for _, m in SAMPLES]
+    assert all(m[3] is None for m in members if m[0].endswith(".jpg"))
+    assert [m[3] for m in iter_members(path, with_data=True)] == [d for _, m in SAMPLES for _, d in m]
     raw = bytearray(path.read_bytes())
     raw[512 * 3 + 5] ^= 0xFF  # inside the second member's header
     damaged = tmp_path / "bad.tar"
     damaged.write_bytes(bytes(raw))
-    with pytest.raises(InputError, match=r"bad\.tar: offset 1536: bad tar header checksum"):
+    with pytest.raises(InputError, match=r"bad\.tar: offset 1536, key 000000000: tar header checksum mismatch"):
         list(iter_members(damaged))
+    jpg = next(m for m in members if m[0] == "000000005.jpg")  # 7000 bytes, seeked over
     truncated = tmp_path / "short.tar"
-    truncated.write_bytes(path.read_bytes()[:1024])
-    with pytest.raises(InputError, match="short.tar"):
-        list(iter_members(truncated))
+    truncated.write_bytes(path.read_bytes()[:jpg[1] + 100])
+    with pytest.raises(InputError, match=rf"short\.tar: offset {jpg[1]}, key 000000005: tar member "
+                                         r"000000005\.jpg cut short"):
+        list(iter_members(truncated, with_data=(".cls",)))
+    with pytest.raises(InputError, match="nowhere.tar: cannot read"):
+        list(iter_members(tmp_path / "nowhere.tar"))
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
@@ -231,3 +243,155 @@ def test_packed_batches_are_byte_identical_to_add_pair(tmp_path, count):
     with pytest.raises(ValueError, match=r"keys in \[0, 10\*\*9\)"):
         pack_jpg_cls(np.array([10 ** 9]), 9, np.array([0]), b"x", np.array([0]), np.array([1]))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_ustar_prefix_holds_names_up_to_256_bytes():
+    name = b"d" * 150 + b"/" + b"e" * 90 + b"/k.a.jpg"
+    info = tarfile.TarInfo.frombuf(ustar_header(name, 7), "ascii", "strict")  # raises on a bad checksum
+    assert (info.name, info.size) == (name.decode(), 7)
+    for bad in (b"x" * 101, b"d" * 156 + b"/k.jpg", b"d" * 10 + b"/" + b"e" * 101):
+        with pytest.raises(ValueError, match="does not fit"):
+            ustar_header(bad, 1)
+
+
+# --------------------------------------------------------------------------- the reader
+def _tar(members, fmt=tarfile.USTAR_FORMAT, with_dir=False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        if with_dir:
+            info = tarfile.TarInfo("sub")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+MEMBERS = [(f"{i:06d}.{ext}", (bytes([i]) * (300 + 97 * i) if ext == "jpg" else str(i).encode()))
+           for i in range(6) for ext in ("jpg", "cls")]
+
+
+def test_reads_what_tarfile_wrote():
+    samples = list(read_samples(io.BytesIO(_tar(MEMBERS))))
+    assert [k for k, _ in samples] == [f"{i:06d}" for i in range(6)]
+    assert all(parts["cls"] == str(i).encode() and parts["jpg"] == bytes([i]) * (300 + 97 * i)
+               for i, (_, parts) in enumerate(samples))
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_skip_and_limit(seekable):
+    data = _tar(MEMBERS)
+
+    class Pipe(io.BytesIO):
+        def seekable(self):
+            return seekable
+
+    samples = list(read_samples(Pipe(data), skip=2, limit=3))
+    assert [k for k, _ in samples] == ["000002", "000003", "000004"]
+    assert samples[0][1]["jpg"] == bytes([2]) * 494
+
+
+def test_select_passes_over_payloads_and_members_lists_them():
+    data = _tar(MEMBERS)
+    layout = []
+    samples = list(read_samples(io.BytesIO(data), select=lambda name: name.endswith(".cls"), members=layout))
+    assert samples == [(f"{i:06d}", {"cls": str(i).encode()}) for i in range(6)]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert layout == [(m.name, m.offset_data, m.size) for m in tf.getmembers()]
+    cut = layout[-2][1] + 10  # inside 000005.jpg
+    with pytest.raises(TarReadError, match="000005.jpg cut short"):  # a seek past the end is noticed
+        list(read_samples(io.BytesIO(data[:cut]), select=lambda name: False, size_hint=cut))
+
+
+def test_truncated_member_raises_with_place():
+    data = _tar(MEMBERS)
+    with pytest.raises(TarReadError) as err:
+        list(read_samples(io.BytesIO(data[:3000])))  # in the padding after 000001.jpg (2560..2957)
+    assert err.value.key == "000001" and err.value.where == "offset 2560, key 000001"
+
+
+def test_garbled_header_raises():
+    data = bytearray(_tar(MEMBERS))
+    data[1024 + 5] ^= 0xFF  # inside the second member's header (the first payload is 512 bytes)
+    with pytest.raises(TarReadError, match="checksum"):
+        list(read_samples(io.BytesIO(bytes(data))))
+
+
+def test_a_repeated_member_in_a_sample_raises_as_webdataset_does():
+    data = _tar(MEMBERS[:2] + [("000000.cls", b"9")])
+    with pytest.raises(TarReadError, match="duplicate member 000000.cls") as err:
+        list(read_samples(io.BytesIO(data)))
+    assert err.value.key == "000000"
+
+
+def test_read_shard_names_the_file(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(InputError, match=r"junk\.tar: offset 0: tar header checksum mismatch"):
+        list(read_shard(tmp_path / "junk.tar"))
+
+
+# --------------------------------------------------------------------------- one format, four readers
+PREFIX_DIR = "d" * 120 + "/"  # over 100 bytes with the file name: ustar's prefix field
+LONG_DIR = "d" * 150 + "/" + "e" * 150 + "/"  # over 256 bytes: pax or GNU long-name headers
+BASIC = [("000001.jpg", b"\xff\xd8" + bytes(600)), ("000001.cls", b"17"),
+         ("000002.a.jpg", b"A" * 513), ("000002.b.jpg", b"B" * 511), ("000002.same", b"1")]
+
+
+def _with_dir(folder):
+    return [(folder + "000003.a.jpg", b"a" * 700), (folder + "000003.b.jpg", b"b"), (folder + "000003.same", b"0"),
+            (folder + "000004.jpg", b"j" * 1024), (folder + "000004.cls", b"5")]
+
+
+def _writer_tar(path, members):
+    with TarShardWriter(path) as w:
+        for name, data in members:
+            w.add(name, data)
+
+
+def _tarfile_tar(fmt):
+    def write(path, members):
+        path.write_bytes(_tar(members, fmt, with_dir=True))
+    return write
+
+
+def _grouped(members):
+    samples = []
+    for name, data in members:
+        key, ext = split_member_name(name)
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][ext] = data
+    return samples
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("writer,folder", [(_writer_tar, PREFIX_DIR), (_tarfile_tar(tarfile.USTAR_FORMAT), PREFIX_DIR),
+                                           (_tarfile_tar(tarfile.PAX_FORMAT), LONG_DIR),
+                                           (_tarfile_tar(tarfile.GNU_FORMAT), LONG_DIR)],
+                         ids=["writer-ustar-prefix", "tarfile-ustar-prefix", "tarfile-pax", "tarfile-gnu"])
+def test_reader_gnu_tar_and_webdataset_agree(tmp_path, writer, folder):
+    """Keys and payloads, multi-dot extensions and long names: the same samples whoever reads."""
+    import webdataset as wds
+
+    members = BASIC + _with_dir(folder)
+    path = tmp_path / "s.tar"
+    writer(path, members)
+    want = _grouped(members)
+    assert [s[0] for s in want] == ["000001", "000002", folder + "000003", folder + "000004"]
+
+    with open(path, "rb") as stream:
+        assert list(read_samples(stream)) == want
+
+    listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
+    names = [n for n in listing.stdout.splitlines() if not n.endswith("/") and n != "sub"]
+    assert listing.stderr == "" and names == [n for n, _ in members]
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", str(path), "-C", str(out)], check=True)
+    assert _grouped((n, (out / n).read_bytes()) for n in names) == want
+
+    got = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+           for s in wds.WebDataset(str(path), shardshuffle=False)]
+    assert got == want
