@@ -1,7 +1,8 @@
 """Verification pair sets: converted ``<set>.tar`` shards or original InsightFace ``.bin`` files.
 
 A ``<set>.tar`` holds one sample per pair in the original order: ``KEY.a.jpg``,
-``KEY.b.jpg`` and ``KEY.same`` (``1`` or ``0``). A ``.bin`` is read through the safe
+``KEY.b.jpg`` and ``KEY.same`` (``1`` or ``0``), read by the shard reader of
+:mod:`lresnet.convert.shards`. A ``.bin`` is read through the safe
 loader :func:`lresnet.convert.pairs.load_bin`. Both give the same :class:`PairSet`.
 """
 
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from lresnet.convert.shards import read_shard, split_member_name
 from lresnet.core.errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -129,28 +130,21 @@ def _read_bin(path: Path) -> tuple[list[bytes], list[bool]]:
     return list(pairs.images), list(pairs.issame)
 
 
+def _is_pair_member(name: str) -> bool:
+    return split_member_name(name)[1] in _MEMBERS
+
+
 def _read_tar(path: Path) -> tuple[list[bytes], list[bool]]:
-    """Members grouped by key, in archive order; every key needs a.jpg, b.jpg and same."""
+    """Pairs in archive order; every key needs a.jpg, b.jpg and same (other members are passed over)."""
     samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(path, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                key = member.name[: len(member.name) - len(base)] + key
-                if ext not in _MEMBERS:
-                    continue
-                sample = samples.setdefault(key, {})
-                if ext in sample:
-                    raise InputError(path, f"duplicate member {member.name}")
-                data = archive.extractfile(member)
-                sample[ext] = data.read() if data is not None else b""
-    except tarfile.TarError as err:
-        raise InputError(path, f"not a readable tar archive ({err})") from None
-    except OSError as err:
-        raise InputError(path, f"cannot read: {err.strerror or err}") from None
+    for key, parts in read_shard(path, select=_is_pair_member):
+        if not parts:
+            continue
+        sample = samples.setdefault(key, {})
+        for ext in parts:  # a key met again after other samples: its members merge, none twice
+            if ext in sample:
+                raise InputError(path, f"duplicate member {key}.{ext}", where=f"key {key}")
+        sample.update(parts)
     if not samples:
         raise InputError(path, "no pairs (expected samples KEY.a.jpg, KEY.b.jpg, KEY.same)")
     images: list[bytes] = []
