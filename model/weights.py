@@ -8,31 +8,43 @@ Sources (detected from the key names, or named explicitly):
 - ``treb1en``: TreB1eN InsightFace_Pytorch ``Backbone`` (``input_layer.{0,1,2},
   body.N.res_layer.{0..5}, body.N.shortcut_layer.{0,1}, output_layer.{0,3,4}``) and its ports.
   TreB1eN-style units; expects BGR input; its forward L2-normalises the embedding.
-- ``lresnet``: this project's own key names.
+- ``lresnet``: this project's own key names (IR / IR-SE, and MobileFaceNet in the registered
+  layout: ``stem.*, blocks.N.*, conv_head.*, gdc.*, fc, features``).
 
 The backbone must have the source's unit style (``create_backbone("ir50")`` for arcface_torch
 ``iresnet50``, ``create_backbone("irse50")`` or ``create_backbone("ir50", unit_style="treb1en")``
 for TreB1eN); :func:`describe_state_dict` tells which one a state dict needs.
+
+Files are read in one place (:func:`read_torch_file`: ``torch.load(weights_only=True)``, so no
+pickled code runs), and wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from
+``torch.compile``) are stripped by one rule. :func:`load_weights_backbone` and
+:func:`load_checkpoint_backbone` build a ready backbone from a weights file or a training
+checkpoint (what ``lresnet verify`` scores).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
-from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from lresnet.core.errors import InputError
 from lresnet.model.iresnet import IResNet
+from lresnet.model.registry import create_backbone
 
 SOURCES = ("arcface_torch", "treb1en", "lresnet")
 _CHANNEL_ORDER = {"arcface_torch": "RGB", "treb1en": "BGR", "lresnet": "RGB"}
 _L2_NORMALIZED = {"arcface_torch": False, "treb1en": True, "lresnet": False}
 _UNIT_STYLE = {"arcface_torch": "paper", "treb1en": "treb1en"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# what torch.load raises for a damaged, truncated, foreign or code-carrying file under weights_only=True
+_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError)
 _MAX_LISTED = 8
 
 StateDict = Mapping[str, torch.Tensor]
@@ -62,13 +74,16 @@ class StateDictSpec:
     units: tuple[int, ...]
     se: bool
     embedding_size: int
-    unit_style: str
+    unit_style: Optional[str]
+    family: str = "iresnet"  # or "mobilefacenet" (units () and unit_style None then)
 
     @property
     def backbone_name(self) -> Optional[str]:
         """The registered name of this depth (``"irse50"``), or None for a non-standard depth."""
         from lresnet.model.iresnet import UNITS
 
+        if self.family == "mobilefacenet":
+            return "mobilefacenet"
         depth = next((d for d, u in UNITS.items() if u == self.units), None)
         return f"{'irse' if self.se else 'ir'}{depth}" if depth else None
 
@@ -85,6 +100,8 @@ class StateDictSpec:
     def backbone_hint(self) -> str:
         """The ``create_backbone`` call that fits, e.g. ``create_backbone('irse50', unit_style='treb1en', ...)``."""
         name = self.backbone_name
+        if self.family == "mobilefacenet":
+            return f"create_backbone('mobilefacenet', embedding_size={self.embedding_size})"
         if name is None:
             return f"IResNet(units={self.units}, se={self.se}, unit_style={self.unit_style!r})"
         return f"create_backbone({name!r}, unit_style={self.unit_style!r}, embedding_size={self.embedding_size})"
@@ -96,13 +113,15 @@ def detect_source(state_dict: StateDict) -> str:
     Raises:
         InputError: the keys match none of them.
     """
-    keys = set(_strip_wrappers(state_dict))
+    keys = set(strip_wrappers(state_dict))
     if "input_layer.0.weight" in keys or any(k.startswith("body.") for k in keys):
         return "treb1en"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "arcface_torch"
     if "stem.conv.weight" in keys and any(k.startswith("stages.") for k in keys):
         return "lresnet"
+    if "gdc.0.weight" in keys and any(k.startswith("blocks.") for k in keys):
+        return "lresnet"  # MobileFaceNet
     sample = ", ".join(sorted(keys)[:5]) or "no keys"
     raise InputError(None, f"cannot tell the source of this state dict (first keys: {sample}); "
                            f"expected one of {', '.join(SOURCES)}")
@@ -112,17 +131,23 @@ def describe_state_dict(state_dict: StateDict, source: str = "auto") -> StateDic
     """Depth (units per stage), SE, embedding size and unit style of an IR state dict.
 
     Raises:
-        InputError: unknown source, or a state dict without the keys that tell its shape.
+        InputError: unknown source, a state dict without the keys that tell its shape, or a
+            MobileFaceNet whose layers differ from the registered ``mobilefacenet``'s.
     """
-    sd = _strip_wrappers(state_dict)
+    sd = strip_wrappers(state_dict)
     source = detect_source(sd) if source == "auto" else _check_source(source)
     try:
         return _describe(sd, source)
     except KeyError as err:
         raise InputError(None, f"incomplete {source} state dict: no {err.args[0]!r}") from None
+    except IndexError:  # a tensor without the dimension that holds a size
+        raise InputError(None, f"malformed {source} state dict: a tensor has fewer dimensions than its "
+                               "layer needs") from None
 
 
 def _describe(sd: StateDict, source: str) -> StateDictSpec:
+    if source == "lresnet" and "gdc.0.weight" in sd:
+        return _describe_mobilefacenet(sd)
     if source == "treb1en":
         out_channels = [sd[f"body.{n}.res_layer.1.weight"].shape[0] for n in _indices(sd, r"body\.(\d+)\.")]
         units = _run_lengths(out_channels)
@@ -140,6 +165,24 @@ def _describe(sd: StateDict, source: str) -> StateDictSpec:
         embedding_size = sd["head.fc.weight"].shape[0]
         style = "paper" if any(re.search(r"stages\.\d+\.\d+\.bn2\.weight$", k) for k in sd) else "treb1en"
     return StateDictSpec(source, tuple(units), se, int(embedding_size), style)
+
+
+def _describe_mobilefacenet(sd: StateDict) -> StateDictSpec:
+    """The registered MobileFaceNet with this embedding size, if every key and shape matches it.
+
+    Strides leave no trace in a state dict, so only the registered layout can be told apart.
+    """
+    embedding_size = int(sd["fc.weight"].shape[0])
+    with torch.device("meta"):
+        reference = create_backbone("mobilefacenet", embedding_size=embedding_size).state_dict()
+    keys = {k for k in sd if not k.endswith("num_batches_tracked")}
+    expected = {k for k in reference if not k.endswith("num_batches_tracked")}
+    differ = sorted(keys ^ expected) or [k for k in sorted(keys) if sd[k].shape != reference[k].shape]
+    if differ:
+        raise InputError(None, f"a MobileFaceNet state dict whose layers differ from the registered "
+                               f"mobilefacenet's (first: {differ[0]}); build the same MobileFaceNet and "
+                               "use load_state_dict")
+    return StateDictSpec("lresnet", (), False, embedding_size, None, family="mobilefacenet")
 
 
 def load_weights(backbone: nn.Module, state_dict_or_path: Union[StateDict, str, "os.PathLike[str]"],
@@ -163,7 +206,7 @@ def load_weights(backbone: nn.Module, state_dict_or_path: Union[StateDict, str, 
     state_dict, where = _resolve(state_dict_or_path)
     if not isinstance(backbone, IResNet):
         raise InputError(where, f"weights can be loaded into IR/IR-SE backbones only, got {type(backbone).__name__}")
-    sd = _strip_wrappers(state_dict)
+    sd = strip_wrappers(state_dict)
     try:
         source = detect_source(sd) if source == "auto" else _check_source(source)
     except InputError as err:
@@ -205,18 +248,158 @@ def backbone_from_weights(state_dict_or_path: Union[StateDict, str, "os.PathLike
         **kwargs: further backbone options (e.g. ``dropout``).
 
     Returns:
-        ``(backbone, WeightInfo)``; the backbone is in training mode, as built.
+        ``(backbone, WeightInfo)``; the backbone is in training mode, as built. A MobileFaceNet
+        state dict (the registered layout) gives a :class:`MobileFaceNet`.
     """
     state_dict, where = _resolve(state_dict_or_path)
-    sd = _strip_wrappers(state_dict)
+    sd = strip_wrappers(state_dict)
     try:
         spec = describe_state_dict(sd, source)
     except InputError as err:
         raise InputError(where, err.message) from None
+    if spec.family == "mobilefacenet":
+        backbone = create_backbone("mobilefacenet", embedding_size=spec.embedding_size, **kwargs)
+        _load_strict(backbone, sd, where, "mobilefacenet")
+        info = WeightInfo(spec.source, spec.channel_order, spec.l2_normalized)
+        backbone.weight_info = info
+        return backbone, info
     backbone = IResNet(spec.units, embedding_size=spec.embedding_size, unit_style=spec.unit_style,
                        se=spec.se, **kwargs)
     info = load_weights(backbone, sd, spec.source)
     return backbone, info
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone built and loaded from a file, and what a report says about it.
+
+    Attributes:
+        backbone: the module (training mode, as built).
+        net: its registered name.
+        bgr: the weights expect BGR input (TreB1eN).
+        description: ``{"kind": "checkpoint" | "weights", "path", "net", ...}`` for reports.
+    """
+
+    backbone: nn.Module
+    net: str
+    bgr: bool
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint_backbone(path: Union[str, "os.PathLike[str]"], net: Optional[str] = None) -> LoadedBackbone:
+    """The backbone of a training checkpoint (``{"backbone": state dict, "config": {"model": ...}}``).
+
+    Args:
+        path: the checkpoint file (read with ``weights_only=True``).
+        net: the backbone name, when the checkpoint's ``config["model"]["net"]`` is missing or
+            should be overridden; ``embedding_size`` and ``options`` still come from the config.
+
+    Raises:
+        InputError: unreadable file, not a checkpoint, no backbone name, or weights that do not fit.
+    """
+    where = os.fspath(path)
+    ckpt = read_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("backbone"), dict):
+        raise InputError(where, "not a training checkpoint (expected a dict with a 'backbone' state dict; "
+                                "use --weights for a bare state dict)")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    model_cfg = config.get("model") if isinstance(config.get("model"), dict) else {}
+    name = net or model_cfg.get("net")
+    if not name:
+        raise InputError(where, "the checkpoint does not name its backbone (config.model.net); pass --net")
+    kwargs: dict[str, Any] = {}
+    if "embedding_size" in model_cfg:
+        kwargs["embedding_size"] = int(model_cfg["embedding_size"])
+    if isinstance(model_cfg.get("options"), dict):
+        kwargs.update(model_cfg["options"])
+    backbone = _build(name, where, **kwargs)
+    _load_strict(backbone, strip_wrappers(ckpt["backbone"]), where, name)
+    step = ckpt.get("step")
+    return LoadedBackbone(backbone, name, False, {"kind": "checkpoint", "path": where, "net": name,
+                                                  "step": int(step) if isinstance(step, int) else None})
+
+
+def load_weights_backbone(path: Union[str, "os.PathLike[str]"], net: Optional[str] = None) -> LoadedBackbone:
+    """A backbone loaded from a bare state dict: arcface_torch, TreB1eN or lresnet weights.
+
+    The architecture is read from the key names and shapes (:func:`describe_state_dict`);
+    ``net`` names the backbone when they do not tell it, or overrides the name they give.
+
+    Raises:
+        InputError: unreadable file, an architecture neither the keys nor ``net`` tell, or
+            weights that do not fit the backbone.
+    """
+    where = os.fspath(path)
+    state_dict = read_state_dict(path)
+    try:
+        spec: Optional[StateDictSpec] = describe_state_dict(state_dict)
+    except InputError:
+        spec = None  # names that say nothing of the architecture: only --net can
+    if spec is None:
+        if not net:
+            raise InputError(where, "cannot tell the backbone from the weight names; pass --net")
+        backbone = _build(net, where)
+        _load_strict(backbone, state_dict, where, net)
+        return LoadedBackbone(backbone, net, False, {"kind": "weights", "path": where, "net": net,
+                                                     "source": "lresnet"})
+    name = net or spec.backbone_name
+    if name is None:
+        raise InputError(where, f"no registered depth has units {spec.units}; pass --net")
+    if spec.family == "mobilefacenet":
+        backbone = _build(name, where, embedding_size=spec.embedding_size)
+        _load_strict(backbone, state_dict, where, name)
+        info = WeightInfo(spec.source, spec.channel_order, spec.l2_normalized)
+    else:
+        backbone = _build(name, where, embedding_size=spec.embedding_size, unit_style=spec.unit_style)
+        try:
+            info = load_weights(backbone, state_dict)
+        except InputError as err:
+            raise InputError(where, err.message) from None
+    return LoadedBackbone(backbone, name, info.channel_order == "BGR",
+                          {"kind": "weights", "path": where, "net": name, "source": info.source,
+                           "channel_order": info.channel_order})
+
+
+def _build(name: str, where: str, **kwargs) -> nn.Module:
+    """``create_backbone(name, **kwargs)``; options the family lacks are bad input naming ``where``."""
+    try:
+        return create_backbone(name, **kwargs)
+    except TypeError as err:  # e.g. unit_style for MobileFaceNet
+        raise InputError(where, f"backbone {name!r} cannot be built with {kwargs}: {err}") from None
+
+
+def _load_strict(backbone: nn.Module, state_dict: StateDict, where: str, net: str) -> None:
+    """``load_state_dict`` with every key and shape required; a mismatch is bad input naming ``where``."""
+    try:
+        backbone.load_state_dict(strip_wrappers(state_dict))
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise InputError(where, f"weights do not fit backbone {net!r}: {detail}") from None
+
+
+def read_torch_file(path: Union[str, "os.PathLike[str]"], what: str = "weights") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``: the one reader of weight files.
+
+    Args:
+        what: what the file should hold, for the error message (``"weights"``, ``"checkpoint"``).
+
+    Raises:
+        InputError: no such file, or a file ``weights_only`` loading refuses or cannot parse.
+    """
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise InputError(where, "no such file")
+    try:
+        with warnings.catch_warnings():  # e.g. a note on the pickle protocol: not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(where, map_location="cpu", weights_only=True)
+    except _TORCH_LOAD_ERRORS as err:
+        # torch's unpickler wraps the reason in advice (weights_only=False, which would run code): keep the reason
+        text = str(err).split("WeightsUnpickler error:", 1)[-1]
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0][:160]
+        detail = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+        raise InputError(where, f"cannot read {what}: torch.load(weights_only=True) cannot load it "
+                                f"({detail})") from None
 
 
 def read_state_dict(path: Union[str, "os.PathLike[str]"]) -> dict[str, torch.Tensor]:
@@ -225,7 +408,7 @@ def read_state_dict(path: Union[str, "os.PathLike[str]"]) -> dict[str, torch.Ten
     Raises:
         InputError: missing or unreadable file, or no mapping of names to tensors in it.
     """
-    return _strip_wrappers(_read(os.fspath(path)))
+    return strip_wrappers(_read(os.fspath(path)))
 
 
 def _resolve(state_dict_or_path) -> tuple[StateDict, str]:
@@ -237,12 +420,7 @@ def _resolve(state_dict_or_path) -> tuple[StateDict, str]:
 
 
 def _read(path: str) -> StateDict:
-    if not os.path.exists(path):
-        raise InputError(path, "no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a bad or non-tensor pickle
-        raise InputError(path, f"cannot read weights ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    obj = read_torch_file(path)
     if isinstance(obj, Mapping):
         for key in ("state_dict", "backbone", "model"):
             inner = obj.get(key)
@@ -254,12 +432,13 @@ def _read(path: str) -> StateDict:
                            "or one under 'state_dict', 'backbone' or 'model')")
 
 
-def _strip_wrappers(state_dict: StateDict) -> dict[str, torch.Tensor]:
+def strip_wrappers(state_dict: StateDict) -> dict[str, torch.Tensor]:
+    """The state dict without wrapper prefixes: ``module.`` (DDP) and ``_orig_mod.`` (torch.compile),
+    in any order and nesting, are removed from the start of every key."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 
@@ -290,7 +469,7 @@ def _run_lengths(values: list[int]) -> tuple[int, ...]:
 def _hint(sd: StateDict, source: str) -> str:
     try:
         return describe_state_dict(sd, source).backbone_hint()
-    except (KeyError, InputError, IndexError):
+    except InputError:
         return "a backbone of the same architecture"
 
 

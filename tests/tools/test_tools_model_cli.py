@@ -9,9 +9,10 @@ import sys
 import torch
 from typer.testing import CliRunner
 
-from lresnet.model import create_backbone
+from lresnet.model import create_backbone, describe_backbone
+from lresnet.model.bench import bench_forward_backward
 from lresnet.tools.cli import app
-from lresnet.tools.cmd_model import DType, bench_forward_backward, describe_backbone
+from lresnet.tools.cmd_model import DType
 
 runner = CliRunner()
 
