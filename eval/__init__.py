@@ -4,6 +4,9 @@
     >>> pairs = load_pair_set("agedb_30", data_dir="OUT/val")
     >>> result = verify_backbone(backbone, pairs, batch_size=128, device="cuda")
     >>> result.accuracy, result.std, result.val, result.xnorm
+
+``lresnet verify`` is one call: ``run_verify(VerifyRequest(...)).as_dict()`` (:mod:`lresnet.eval.verify`);
+``lresnet bench verify`` is :func:`lresnet.eval.bench.bench_extraction`.
 """
 
 from lresnet.eval.data import (PairSet, available_sets, find_set_file, load_embeddings,
@@ -12,6 +15,7 @@ from lresnet.eval.extract import (Embeddings, extract_embeddings, normalise_rows
                                   verify_backbone)
 from lresnet.eval.protocol import (ACCURACY_THRESHOLDS, FAR_TARGET, VAL_THRESHOLDS, VerificationResult,
                                    evaluate, kfold_bounds, legacy_slinear, pair_distances)
+from lresnet.eval.verify import SetReport, SetSpec, VerifyReport, VerifyRequest, collect_sets, run_verify
 
 __all__ = [
     "PairSet",
@@ -32,4 +36,10 @@ __all__ = [
     "kfold_bounds",
     "legacy_slinear",
     "pair_distances",
+    "SetReport",
+    "SetSpec",
+    "VerifyReport",
+    "VerifyRequest",
+    "collect_sets",
+    "run_verify",
 ]

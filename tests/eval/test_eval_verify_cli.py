@@ -168,8 +168,9 @@ def test_weights_need_a_net_or_known_keys(files, capsys, monkeypatch, tmp_path):
                               "--no-flip", "--folds", "2", "--json", "--net", "ir18"], capsys, monkeypatch)
     # ir18 with default widths does not fit the tiny weights: a one-line error naming the file
     assert_one_line_error(code, err, str(sd_path))
-    # weights whose names say nothing of the architecture load strictly into --net
-    mfn = create_backbone("mobilefacenet", embedding_size=32)
+    # weights whose names and shapes tell no registered architecture (a MobileFaceNet with another
+    # head width) load strictly into --net
+    mfn = create_backbone("mobilefacenet", embedding_size=32, head_channels=256)
     mfn_path = tmp_path / "mfn.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in mfn.state_dict().items()}}, mfn_path)
     code, out, err = run_cli(["verify", "--weights", mfn_path, "--set", "agedb_30", "--data", files["val"],
@@ -178,6 +179,21 @@ def test_weights_need_a_net_or_known_keys(files, capsys, monkeypatch, tmp_path):
     code, out, err = run_cli(["verify", "--weights", mfn_path, "--net", "mobilefacenet", "--set", "agedb_30",
                               "--data", files["val"], "--no-flip", "--folds", "2", "--json"], capsys, monkeypatch)
     assert_one_line_error(code, err, str(mfn_path), "do not fit backbone 'mobilefacenet'")
+
+
+def test_registered_mobilefacenet_weights_need_no_net(files, capsys, monkeypatch, tmp_path):
+    torch.manual_seed(1)
+    mfn = create_backbone("mobilefacenet", embedding_size=32).eval()
+    path = tmp_path / "mfn.pt"
+    torch.save({"state_dict": {"module._orig_mod." + k: v for k, v in mfn.state_dict().items()}}, path)
+    code, out, err = run_cli(["verify", "--weights", path, "--set", "lfw", "--data", files["val"],
+                              "--batch-size", "8", "--folds", "4", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["model"]["net"], doc["model"]["source"], doc["model"]["bgr"]) == ("mobilefacenet", "lresnet", False)
+    direct = verify_backbone(mfn, load_pair_set("lfw", data_dir=files["val"]), batch_size=8, nrof_folds=4)
+    assert doc["sets"][0]["accuracy"] == direct.accuracy
+    assert doc["sets"][0]["xnorm"] == pytest.approx(direct.xnorm)
 
 
 BAD = [
