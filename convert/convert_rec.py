@@ -38,7 +38,7 @@ import simplejpeg
 from lresnet.convert import manifest as mf
 from lresnet.core.errors import InputError
 from lresnet.convert.pairs import load_bin
-from lresnet.convert.recordio import IR_SIZE, MAGIC, FacesEmore, jpeg_sof
+from lresnet.convert.recordio import IR_SIZE, MAGIC, FacesEmore, MXNetRecords, jpeg_sof
 from lresnet.convert.shards import (
     ShardInfo,
     TarShardWriter,
@@ -58,6 +58,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[str, int, int], None]
 
 KEY_DIGITS_MIN = 9
+READERS = ("pure", "mxnet")  # how image records are fetched: see open_fetcher
 BATCH = 512  # samples read, checked and packed at a time (~4 MB: stays in cache)
 
 
@@ -350,17 +351,41 @@ class RecordFetcher:
             self._fd = -1
 
 
+class MXNetFetcher(RecordFetcher):
+    """``--reader mxnet``: every record takes :class:`RecordFetcher`'s one-by-one path, where
+    :class:`~lresnet.convert.recordio.MXNetRecords` reads it with ``MXIndexedRecordIO`` and
+    ``mxnet.recordio.unpack``; checks, batches and shard bytes are the pure reader's."""
+
+    def __init__(self, source: FacesEmore):
+        super().__init__(MXNetRecords(source))
+
+    def _read_runs(self, offsets: np.ndarray, spans: np.ndarray
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.empty(0, dtype=np.uint8), offsets, np.zeros(offsets.size, dtype=bool)  # nothing read here
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
+
+
+def open_fetcher(source: FacesEmore, reader: str = "pure") -> RecordFetcher:
+    """The one place that picks how image records are fetched: ``pure`` (this package's reader)
+    or ``mxnet`` (MXNet's, a cross-check; the output is byte-identical)."""
+    return MXNetFetcher(source) if reader == "mxnet" else RecordFetcher(source)
+
+
 # --------------------------------------------------------------------------- workers
 _STATE: Dict[str, Any] = {}
 
 
-def _init_worker(source: FacesEmore, abort_event, progress_queue) -> None:
+def _init_worker(source: FacesEmore, reader: str, abort_event, progress_queue) -> None:
     """Per-process setup. ``source`` comes from the parent (inherited by fork, pickled by
     spawn) with its file handle closed; the fetcher opens this process's own descriptor."""
     if "fd" in _LOCK:  # forked: only the parent may hold the output folder's lock
         os.close(_LOCK.pop("fd"))
     _STATE.clear()
-    _STATE.update(source=source, abort=abort_event, queue=progress_queue, ppid=os.getppid(), fetcher=None)
+    _STATE.update(source=source, reader=reader, abort=abort_event, queue=progress_queue, ppid=os.getppid(),
+                  fetcher=None)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
@@ -376,7 +401,7 @@ def _exit_with_parent(ppid: int) -> None:
 
 def _worker_source() -> RecordFetcher:
     if _STATE.get("fetcher") is None:
-        _STATE["fetcher"] = RecordFetcher(_STATE["source"])
+        _STATE["fetcher"] = open_fetcher(_STATE["source"], _STATE["reader"])
     return _STATE["fetcher"]
 
 
@@ -520,7 +545,8 @@ def _labels_in_shard(path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- main entry
 def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, workers: int = 1,
                 seed: int = 0, shuffle: bool = True, sets: Optional[Iterable[str]] = None,
-                skip_corrupt: bool = False, progress: Optional[ProgressFn] = None) -> ConvertSummary:
+                skip_corrupt: bool = False, progress: Optional[ProgressFn] = None,
+                reader: str = "pure") -> ConvertSummary:
     """Convert a faces_emore folder into ``OUT/train/*.tar`` + manifest and ``OUT/val/<set>.tar``.
 
     Args:
@@ -533,11 +559,13 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
         sets: verification sets to convert (None: every ``.bin`` found).
         skip_corrupt: skip unreadable records (counted) instead of failing.
         progress: called as ``progress(stage, advance, total)``.
+        reader: ``"pure"`` (default) or ``"mxnet"``: how image records are read (:func:`open_fetcher`).
     Returns:
         a :class:`ConvertSummary`.
     Raises:
-        InputError: bad input (names the file and record/offset), or ``out_dir`` holding a
-            conversion made with other settings.
+        InputError: bad input (names the file and record/offset), bad settings (a negative seed,
+            a set name with a path in it, an output folder that is a file or cannot be created,
+            mxnet not importable), or ``out_dir`` holding a conversion made with other settings.
     """
     t0 = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -545,12 +573,20 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
         raise InputError("--shard-size", f"got {shard_size}, expected a positive number of images")
     if workers < 1:
         raise InputError("--workers", f"got {workers}, expected at least 1")
+    if seed < 0:
+        raise InputError("--seed", f"got {seed}, expected a non-negative integer")
+    if reader not in READERS:
+        raise InputError("--reader", f"got {reader!r}, expected one of {', '.join(READERS)}")
+    if out_dir.exists() and not out_dir.is_dir():  # before any work; make_out_dir creates it later
+        raise InputError(out_dir, "is a file, expected a folder (created if missing)")
     if not src_dir.is_dir():
         raise InputError(src_dir, "source folder not found")
     fingerprint = source_fingerprint(src_dir)
 
     source = _open_source(src_dir)
     try:
+        if reader == "mxnet":
+            MXNetRecords.check_available(source)
         num_classes = int(source.num_classes)
         image_size = (int(source.image_size[0]), int(source.image_size[1]))
         keys = source.image_key_range if source.image_key_range is not None else source.image_key_array
@@ -574,18 +610,18 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
             "source": fingerprint,
         }
         train_dir, val_dir = out_dir / mf.TRAIN_DIR, out_dir / mf.VAL_DIR
-        train_dir.mkdir(parents=True, exist_ok=True)
+        make_out_dir(train_dir)
         with _exclusive(train_dir):
             recorded = _previous_record(out_dir, train_dir, header, _rec_mtime(src_dir))
             remove_stale_temp_files(train_dir)
             if wanted:
-                val_dir.mkdir(parents=True, exist_ok=True)
+                make_out_dir(val_dir)
                 remove_stale_temp_files(val_dir)
             state = _RunState(header=header, recorded=recorded, train_dir=train_dir,
                               num_classes=num_classes, source_mtime_ns=_rec_mtime(src_dir))
             val_mismatch = _convert_val_sets(wanted, bins, val_dir, image_size, state, progress)
             written = _convert_train(plan, source, state, image_size, shard_size, workers,
-                                     skip_corrupt, progress)
+                                     skip_corrupt, progress, reader)
             shards = [state.shards[mf.shard_stem(i)] for i in range(len(shard_slices(plan.size, shard_size)))]
             manifest = _write_manifest(header, shards, state, train_dir)
     finally:
@@ -655,11 +691,27 @@ def _exclusive(train_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def make_out_dir(path: PathLike) -> Path:
+    """Create an output folder (and its parents); a file in the way, or a folder that cannot be
+    made (no permission, a parent that is a file), is an InputError naming it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "is a file, expected a folder (created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(path, f"cannot create the folder: {err.strerror or err}") from None
+    return path
+
+
 def _select_sets(sets: Optional[Iterable[str]], bins: Dict[str, Path], src_dir: Path) -> List[str]:
     if sets is None:
         return sorted(bins)
     wanted = [s.strip() for s in sets if s.strip()]
     for name in wanted:
+        if name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise InputError("--sets", f"got {name!r}, expected plain set names like lfw,agedb_30 (file "
+                                       "names in the source folder, without a path)")
         if name not in bins:
             raise InputError(src_dir / f"{name}.bin", "file not found (asked for by --sets; found: "
                              + (", ".join(sorted(bins)) or "none") + ")")
@@ -755,7 +807,7 @@ def _convert_val_sets(wanted: List[str], bins: Dict[str, Path], val_dir: Path,
 
 def _convert_train(plan: np.ndarray, source: FacesEmore, state: _RunState,
                    image_size: Tuple[int, int], shard_size: int, workers: int, skip_corrupt: bool,
-                   progress: Optional[ProgressFn]) -> int:
+                   progress: Optional[ProgressFn], reader: str) -> int:
     """Write every shard not reusable from an earlier run; returns how many were written."""
     jobs: List[ShardJob] = []
     for i, (start, stop) in enumerate(shard_slices(plan.size, shard_size)):
@@ -786,7 +838,7 @@ def _convert_train(plan: np.ndarray, source: FacesEmore, state: _RunState,
         state.save()
 
     if workers == 1 or len(jobs) <= 1:
-        fetcher = RecordFetcher(source)
+        fetcher = open_fetcher(source, reader)
         report = None if progress is None else (lambda n: progress("train", n, total))
         try:
             for job in jobs:
@@ -794,13 +846,13 @@ def _convert_train(plan: np.ndarray, source: FacesEmore, state: _RunState,
         finally:
             fetcher.close()
         return len(jobs)
-    _run_parallel(jobs, source, workers, finished, progress, total)
+    _run_parallel(jobs, source, workers, finished, progress, total, reader)
     return len(jobs)
 
 
 def _run_parallel(jobs: List[ShardJob], source: FacesEmore, workers: int,
                   finished: Callable[[Dict[str, Any]], None], progress: Optional[ProgressFn],
-                  total: int) -> None:
+                  total: int, reader: str) -> None:
     """Write ``jobs`` in ``workers`` processes, at most 2 per worker in flight."""
     # fork: workers start in milliseconds, need no importable __main__, and share the parent's
     # record index (copy-on-write) instead of each re-reading the .idx. The reader's file
@@ -813,7 +865,7 @@ def _run_parallel(jobs: List[ShardJob], source: FacesEmore, workers: int,
     error: Optional[Tuple[Any, ...]] = None
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                 initializer=_init_worker,
-                                initargs=(source, abort, progress_queue)) as pool:
+                                initargs=(source, reader, abort, progress_queue)) as pool:
         running = set()
         try:
             while todo or running:

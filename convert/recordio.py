@@ -742,9 +742,16 @@ class FacesEmore:
 
     def decode_image_record(self, key: int, record: bytes) -> Tuple[int, bytes]:
         """``(class id, JPEG bytes)`` from a raw record (validated like :meth:`read_image`)."""
+        header, payload = unpack(record, self.rec_path, f"record {key}")
+        return self.check_image(key, first_label(header), payload)
+
+    def check_image(self, key: int, value: float, payload: bytes) -> Tuple[int, bytes]:
+        """``(class id, JPEG bytes)`` of image record ``key`` whose first label is ``value``.
+
+        Raises:
+            InputError: a label that is not a class id of ``property``, or a payload that is not a JPEG.
+        """
         where = f"record {key}"
-        header, payload = unpack(record, self.rec_path, where)
-        value = first_label(header)
         if not math.isfinite(value):
             raise InputError(self.rec_path, f"label {value} is not a number", where)
         label = int(value)
@@ -779,11 +786,74 @@ class FacesEmore:
         self.close()
 
 
+class MXNetRecords:
+    """Image records of a faces_emore folder read through MXNet's own reader (``--reader mxnet``):
+    ``mxnet.recordio.MXIndexedRecordIO`` and ``mxnet.recordio.unpack``, checked like
+    :meth:`FacesEmore.read_image`. A cross-check of the pure reader; mxnet is imported on use.
+    ``reader``, ``rec_path`` and ``num_classes`` are the folder's (the record index stays the
+    pure reader's).
+
+    Raises:
+        InputError: mxnet missing or not importable, or no ``train.idx`` (MXNet's reader needs it).
+    """
+
+    def __init__(self, source: FacesEmore):
+        self.source = source
+        self.reader, self.rec_path, self.num_classes = source.reader, source.rec_path, source.num_classes
+        self._recordio = self.check_available(source)
+        from mxnet.base import MXNetError  # importable once mxnet.recordio is
+
+        # what MXNet's reader raises for a damaged record, a short header, a key not in the .idx
+        self._errors = (MXNetError, struct.error, ValueError, KeyError)
+        try:
+            self._rec = self._recordio.MXIndexedRecordIO(str(source.idx_path), str(source.rec_path), "r")
+        except self._errors as err:
+            raise InputError(source.idx_path, f"mxnet cannot open the index ({err})") from None
+
+    @staticmethod
+    def check_available(source: FacesEmore):
+        """The ``mxnet.recordio`` module, if MXNet can read ``source``; else the InputError saying why."""
+        recordio = import_mxnet_recordio()
+        if source.idx_path is None:
+            raise InputError(source.root / "train.idx", "no such file; --reader mxnet needs the index "
+                                                        "(--reader pure scans train.rec without one)")
+        return recordio
+
+    def read_image(self, key: int) -> Tuple[int, bytes]:
+        """``(class id, JPEG bytes)`` of image record ``key``."""
+        try:
+            header, payload = self._recordio.unpack(self._rec.read_idx(key))
+        except self._errors as err:
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+            raise InputError(self.source.rec_path, f"mxnet cannot read the record ({detail})",
+                             f"record {key}") from None
+        label = header.label
+        value = float(label) if np.ndim(label) == 0 else (float(label[0]) if len(label) else math.nan)
+        return self.source.check_image(key, value, bytes(payload))
+
+    def close(self) -> None:
+        self._rec.close()
+
+
+def import_mxnet_recordio():
+    """The ``mxnet.recordio`` module, or the InputError that says how to get it."""
+    try:
+        import mxnet.recordio as recordio
+    except ImportError:
+        raise InputError("--reader", "got 'mxnet', but mxnet is not installed: pip install 'lresnet[mxnet]' "
+                                     "(MXNet 1.9.1 needs numpy < 1.24), or use --reader pure") from None
+    except AttributeError as err:  # MXNet 1.9.1 uses numpy aliases that numpy 1.24 removed
+        raise InputError("--reader", f"got 'mxnet', but mxnet cannot be imported ({err}): MXNet 1.9.1 needs "
+                                     "numpy < 1.24; use --reader pure") from None
+    return recordio
+
+
 def open_faces_emore(src_dir: PathLike) -> FacesEmore:
     """Open a faces_emore folder (see :class:`FacesEmore`)."""
     return FacesEmore(src_dir)
 
 
 __all__ = ["MAGIC", "IR_SIZE", "IRHeader", "pack", "unpack", "first_label", "encode_record",
-           "RecordWriter", "RecordReader", "FacesEmore", "open_faces_emore", "jpeg_size", "jpeg_sof"]
+           "RecordWriter", "RecordReader", "FacesEmore", "MXNetRecords", "import_mxnet_recordio",
+           "open_faces_emore", "jpeg_size", "jpeg_sof"]
 

@@ -403,3 +403,48 @@ def test_plan_order_is_stable_across_versions():
     expected = keys[np.random.Generator(np.random.PCG64(5)).permutation(keys.size)]
     assert np.array_equal(shuffle_plan(keys, seed=5), expected)
     assert np.array_equal(keys, np.arange(7, 5007))  # the caller's keys are left alone
+
+
+def _mxnet_or_skip():
+    from lresnet.convert.recordio import import_mxnet_recordio
+
+    try:
+        return import_mxnet_recordio()
+    except InputError as err:  # not installed, or an MXNet that cannot import with this numpy
+        pytest.skip(f"needs an importable mxnet ({err.message})")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mxnet_reader_writes_the_pure_readers_bytes(src, tmp_path, workers):
+    """--reader mxnet reads every image record through MXIndexedRecordIO + mxnet.recordio.unpack: the
+    shards, indexes, manifest and val sets are byte-identical to the pure reader's, also for split
+    records, multi-float labels and a header written last."""
+    _mxnet_or_skip()
+    multi = tmp_path / "multi"
+    synthesize(multi, identities=4, images_per_id=3, pairs=2, seed=2, sets=("lfw",), label_format="multi",
+               header_at="end")
+    _with_split_record(multi, tmp_path / "split")
+    for name, folder in (("plain", src), ("split", tmp_path / "split")):
+        pure = convert_rec(folder, tmp_path / f"{name}-pure", shard_size=5, seed=1, workers=workers)
+        mx = convert_rec(folder, tmp_path / f"{name}-mxnet", shard_size=5, seed=1, workers=workers,
+                         reader="mxnet")
+        assert mx.num_samples == pure.num_samples > 0
+        assert _tar_bytes(tmp_path / f"{name}-mxnet") == _tar_bytes(tmp_path / f"{name}-pure")
+
+
+def test_mxnet_reader_reports_a_damaged_record_like_the_pure_reader(src, tmp_path):
+    _mxnet_or_skip()
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    with FacesEmore(bad) as fe:
+        key = fe.image_keys[3]
+        offset = fe.reader.offset(key)
+    with open(bad / "train.rec", "r+b") as f:
+        f.seek(offset + 8 + 4)  # the IRHeader's label
+        f.write(struct.pack("<f", 1000.0))
+    for reader in ("pure", "mxnet"):
+        with pytest.raises(InputError, match=rf"train\.rec: record {key}: label 1000 out of range"):
+            convert_rec(bad, tmp_path / f"out-{reader}", shard_size=5, reader=reader)
+        skipped = convert_rec(bad, tmp_path / f"skip-{reader}", shard_size=5, reader=reader, skip_corrupt=True)
+        assert skipped.skipped_corrupt == 1 and skipped.num_samples == 47
+    assert _tar_bytes(tmp_path / "skip-pure") == _tar_bytes(tmp_path / "skip-mxnet")

@@ -240,3 +240,23 @@ def test_bench_convert_runs_and_reports(tmp_path, capsys, monkeypatch):
     assert all(v["main_mb"] > 0 and v["worker_mb"] > 0 for v in r["rss"].values())
     assert r["index_rss"]["records"] == 3000 and r["index_rss"]["main_mb"] > 0
     assert not (tmp_path / "work" / "copy.rec").exists()
+
+
+def test_index_only_set_for_the_memory_bench(tmp_path):
+    """The bench's faces_emore-sized index-only set, written with the project's RecordWriter, reads
+    back as image records 1..N in classes of 68; it is reused when asked for again; the
+    fresh-interpreter entry point measures it."""
+    from lresnet.convert.bench import PER_CLASS, ensure_index_only
+
+    folder = ensure_index_only(tmp_path / "idx", 150)
+    with FacesEmore(folder) as fe:
+        assert fe.image_key_range == range(1, 151) and fe.num_classes == 3 and fe.header_key == 0
+        assert fe.read_image(150) == (149 // PER_CLASS, b"\xff\xd8" + bytes(38))
+    stamp = (folder / "train.rec").stat().st_mtime_ns
+    assert ensure_index_only(tmp_path / "idx", 150) == folder
+    assert (folder / "train.rec").stat().st_mtime_ns == stamp
+    res = subprocess.run([sys.executable, "-m", "lresnet.convert.bench", "index", str(folder)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    measured = json.loads(res.stdout)
+    assert measured["records"] == 150 and measured["rss_kb"] >= measured["rss_imports_kb"] > 0
