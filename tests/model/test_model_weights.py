@@ -11,7 +11,8 @@ from torch import nn
 
 from lresnet.core.errors import InputError
 from lresnet.model import (backbone_from_weights, create_backbone, describe_state_dict, detect_source,
-                           load_weights, read_state_dict)
+                           load_checkpoint_backbone, load_weights, load_weights_backbone, read_state_dict,
+                           read_torch_file, strip_wrappers)
 
 WIDTHS = (64, 128, 256, 512)
 
@@ -262,3 +263,86 @@ def test_incomplete_state_dict_is_reported():
     sd = {"conv1.weight": torch.zeros(64, 3, 3, 3), "layer1.0.bn1.weight": torch.zeros(64)}
     with pytest.raises(InputError, match="incomplete arcface_torch state dict: no 'fc.weight'"):
         backbone_from_weights(sd)
+
+
+def test_one_prefix_rule_strips_wrappers_in_any_order():
+    sd = {"module._orig_mod.a.weight": 1, "_orig_mod.module.b": 2, "module.module.c": 3, "d.module.e": 4}
+    assert strip_wrappers(sd) == {"a.weight": 1, "b": 2, "c": 3, "d.module.e": 4}
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "EOFError"), (b"not a pickle", "UnpicklingError"),
+                                            (b"PK\x03\x04truncated", "RuntimeError")])
+def test_read_torch_file_names_the_file_and_the_reason(tmp_path, content, reason):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        read_torch_file(path, "checkpoint")
+    assert str(err.value).startswith(f"{path}: cannot read checkpoint: torch.load(weights_only=True) cannot "
+                                     f"load it ({reason}")
+    assert "weights_only=False" not in str(err.value)  # torch's advice to run pickled code is left out
+
+
+def test_read_torch_file_refuses_pickled_code(tmp_path):
+    import pickle
+    from pathlib import Path
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "ran",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(InputError, match="cannot read weights"):
+        read_torch_file(path)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_load_weights_backbone_builds_what_the_keys_say(tmp_path):
+    ref = TrebNet((2, 2, 2, 2), se=True, emb=64)
+    sd = randomize(ref, seed=9)
+    path = tmp_path / "treb.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    loaded = load_weights_backbone(path)
+    assert (loaded.net, loaded.bgr) == ("irse18", True)
+    assert loaded.description == {"kind": "weights", "path": str(path), "net": "irse18", "source": "treb1en",
+                                  "channel_order": "BGR"}
+    torch.testing.assert_close(F.normalize(embeddings(loaded.backbone), dim=1), embeddings(ref),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_load_weights_backbone_mobilefacenet_and_unknown_names(tmp_path):
+    mfn = create_backbone("mobilefacenet", embedding_size=16)
+    randomize(mfn, seed=10)
+    path = tmp_path / "mfn.pt"
+    torch.save(mfn.state_dict(), path)
+    loaded = load_weights_backbone(path)
+    assert (loaded.net, loaded.bgr, loaded.description["source"]) == ("mobilefacenet", False, "lresnet")
+    torch.testing.assert_close(embeddings(loaded.backbone), embeddings(mfn))
+    built, info = backbone_from_weights(path)
+    assert built.embedding_size == 16 and info.channel_order == "RGB"
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, foreign)
+    with pytest.raises(InputError, match=r"foreign\.pt: cannot tell the backbone from the weight names; pass --net"):
+        load_weights_backbone(foreign)
+    with pytest.raises(InputError, match=r"foreign\.pt: weights do not fit backbone 'ir18'"):
+        load_weights_backbone(foreign, net="ir18")
+
+
+def test_load_checkpoint_backbone_reads_the_model_section(tmp_path):
+    net = create_backbone("ir18", embedding_size=8, widths=[8, 16, 32, 64])
+    randomize(net, seed=11)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"backbone": {f"_orig_mod.{k}": v for k, v in net.state_dict().items()}, "step": 12,
+                "config": {"model": {"net": "ir18", "embedding_size": 8, "options": {"widths": [8, 16, 32, 64]}}}},
+               path)
+    loaded = load_checkpoint_backbone(path)
+    assert loaded.description == {"kind": "checkpoint", "path": str(path), "net": "ir18", "step": 12}
+    torch.testing.assert_close(embeddings(loaded.backbone), embeddings(net))
+    torch.save({"backbone": net.state_dict()}, path)
+    with pytest.raises(InputError, match=r"does not name its backbone \(config\.model\.net\); pass --net"):
+        load_checkpoint_backbone(path)
+    with pytest.raises(InputError, match="weights do not fit backbone 'ir18'"):
+        load_checkpoint_backbone(path, net="ir18")  # default widths: the shapes differ
+    torch.save(net.state_dict(), path)
+    with pytest.raises(InputError, match="not a training checkpoint"):
+        load_checkpoint_backbone(path)

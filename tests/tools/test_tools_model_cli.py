@@ -100,3 +100,22 @@ def test_model_info_weights_errors(tmp_path):
     result = runner.invoke(app, ["model-info", "--weights", str(bad)])
     assert result.exit_code != 0
     assert str(result.exception).startswith(f"{bad}: incomplete arcface_torch state dict: no 'fc.weight'")
+
+
+def test_bench_settings_measures_every_setting_in_the_order_given():
+    from lresnet.model.bench import BASELINE, BenchSetting, bench_settings
+
+    results = bench_settings("mobilefacenet", [BASELINE, BenchSetting("fp32", True), BenchSetting("bf16")],
+                             batch_size=2, steps=1, warmup=0)
+    assert [r.setting for r in results] == ["fp32 NCHW (baseline)", "fp32 channels_last", "bf16 NCHW"]
+    assert all(r.images_per_s > 0 and r.ms_per_step > 0 for r in results)
+
+
+def test_bench_settings_refuses_an_unknown_dtype():
+    import pytest
+
+    from lresnet.core.errors import InputError
+    from lresnet.model.bench import BenchSetting, bench_settings
+
+    with pytest.raises(InputError, match="--dtype: got 'fp8', expected one of fp32, bf16"):
+        bench_settings("mobilefacenet", [BenchSetting("fp8")])
