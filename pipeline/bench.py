@@ -51,6 +51,26 @@ class BenchResult:
     def cpu_rate(self) -> float:
         return self.cpu_images / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
 
+    def as_dict(self) -> dict:
+        """The measured numbers and both rates."""
+        return {"name": self.name, "images": self.images, "seconds": self.seconds, "processes": self.processes,
+                "cpu_images": self.cpu_images, "cpu_seconds": self.cpu_seconds, "rate": self.rate,
+                "cpu_rate": self.cpu_rate}
+
+
+JSON_FORMAT = "lresnet-bench-pipeline/1"
+
+
+def bench_report(results: list[BenchResult], images: int, batch_size: int, rounds: int) -> dict:
+    """``lresnet bench pipeline``'s ``--json`` document: every result with its ratios to the decode
+    limit (a) and to the map-style Dataset (c), wall clock and CPU time."""
+    limit = next(r for r in results if r.name.startswith("(a)"))
+    peer = next(r for r in results if r.name.startswith("(c)"))
+    rows = [dict(r.as_dict(), rate_vs_limit=r.rate / limit.rate, rate_vs_peer=r.rate / peer.rate,
+                 cpu_rate_vs_limit=r.cpu_rate / limit.cpu_rate, cpu_rate_vs_peer=r.cpu_rate / peer.cpu_rate)
+            for r in results]
+    return {"format": JSON_FORMAT, "images": images, "batch_size": batch_size, "rounds": rounds, "results": rows}
+
 
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
