@@ -37,6 +37,7 @@ import simplejpeg
 
 from lresnet.convert import manifest as mf
 from lresnet.core.errors import InputError
+from lresnet.core.files import make_out_dir
 from lresnet.convert.pairs import load_bin
 from lresnet.convert.recordio import IR_SIZE, MAGIC, FacesEmore, MXNetRecords, jpeg_sof
 from lresnet.convert.shards import (
@@ -689,19 +690,6 @@ def _exclusive(train_dir: Path) -> Iterator[None]:
     finally:
         _LOCK.pop("fd", None)
         os.close(fd)
-
-
-def make_out_dir(path: PathLike) -> Path:
-    """Create an output folder (and its parents); a file in the way, or a folder that cannot be
-    made (no permission, a parent that is a file), is an InputError naming it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(path, "is a file, expected a folder (created if missing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(path, f"cannot create the folder: {err.strerror or err}") from None
-    return path
 
 
 def _select_sets(sets: Optional[Iterable[str]], bins: Dict[str, Path], src_dir: Path) -> List[str]:

@@ -14,6 +14,9 @@ from lresnet.core.errors import InputError
 from lresnet.core.schema import Section, at_least, between, greater, option
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def backbone_names() -> list[str]:
     from lresnet.model.registry import list_backbones
 
@@ -38,6 +41,8 @@ class ModelConfig(Section):
     dropout: float = option(0.0, help="Dropout in the output block (the paper trained LResNet100E-IR with 0.4).",
                             check=between(0, 1))
     channels_last: bool = option(True, help="channels_last memory format for the backbone on accelerators.")
+    compile: bool = option(False, help="torch.compile the backbone (the margin head stays eager and fp32).")
+    compile_mode: str = option("default", help="torch.compile mode.", choices=COMPILE_MODES)
     options: dict[str, Any] = option(default_factory=dict, flag="--net-option", metavar="NAME=JSON",
                                      help="Extra backbone keyword (repeat), e.g. widths=[16,32,64,128].")
 

@@ -34,7 +34,7 @@ def synth_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write a synthetic faces_emore folder: train.rec/.idx, property, <set>.bin."""
-    from lresnet.convert.convert_rec import make_out_dir
+    from lresnet.core.files import make_out_dir
     from lresnet.convert.synthetic import synthesize
 
     for name, value, allowed in (("--label-format", label_format, LABEL_FORMATS),

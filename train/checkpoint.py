@@ -10,11 +10,15 @@ accuracy). Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -61,20 +65,50 @@ def set_rng_state(state: dict[str, Any], device: Optional[torch.device] = None) 
 # ----------------------------------------------------------------------------- files
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save`` to a temporary name in the same directory, fsync, then rename over `path`."""
+    """``torch.save`` to a temporary name in the same directory, fsync, then rename over `path`.
+
+    Raises:
+        InputError: the file cannot be written (a full disk, no permission...): names the file, the
+            reason and, for a full disk, how much space it needed. Nothing at `path` changed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(path, f"cannot write checkpoint: {err.strerror or err}{_space_note(err, path, obj)}; "
+                               "the earlier checkpoints are intact") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _space_note(err: OSError, path: Path, obj: Any) -> str:
+    """For a full disk: the bytes the checkpoint needs and what is free."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ""
+    need = _tensor_bytes(obj)
+    try:
+        usage = shutil.disk_usage(path.parent)
+    except OSError:
+        return f" (it needs about {need / 2**20:,.0f} MiB)"
+    return f" (it needs about {need / 2**20:,.0f} MiB, {usage.free / 2**20:,.0f} MiB are free there)"
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
@@ -84,11 +118,23 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise InputError(path, "checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle: say which file
-        raise InputError(path, f"cannot load checkpoint: {type(err).__name__}: {err}") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read checkpoint: {err.strerror or err}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
+            TypeError, IndexError, zipfile.BadZipFile) as err:  # a truncated file, a foreign pickle
+        raise InputError(path, f"cannot load checkpoint: {type(err).__name__}: {_first_sentence(err)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(path, f"not an lresnet checkpoint (expected format {FORMAT!r})")
     return ckpt
+
+
+def _first_sentence(err: Exception) -> str:
+    """torch's refusal without its advice to retry with weights_only=False (never do that with a foreign file)."""
+    text = " ".join(str(err).split())
+    for cut in (" Weights only load failed", " In PyTorch 2.6", " Please file an issue", " (1) In PyTorch"):
+        if cut in text[1:]:
+            text = text[:text.index(cut, 1)]
+    return text[:300]
 
 
 def checkpoint_step(path: Union[str, Path]) -> Optional[int]:
@@ -121,9 +167,30 @@ class CheckpointManager:
         return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
     def latest(self) -> Optional[Path]:
-        """The newest checkpoint, or None."""
+        """The newest checkpoint file, or None."""
         ckpts = self.checkpoints()
         return ckpts[-1] if ckpts else None
+
+    def load_latest(self, map_location: Union[str, torch.device] = "cpu") -> Optional[tuple[Path, dict[str, Any]]]:
+        """The newest checkpoint that loads, as ``(path, checkpoint)``; None when there is none.
+
+        A newest file that does not load (cut short by a crash during the rename's fsync, damaged on
+        disk) is skipped with a warning, and the one before it is used.
+
+        Raises:
+            InputError: checkpoint files exist but none of them loads.
+        """
+        ckpts = self.checkpoints()
+        errors = []
+        for path in reversed(ckpts):
+            try:
+                return path, load_checkpoint(path, map_location)
+            except InputError as err:
+                errors.append(str(err))
+                log.warning("skipping a checkpoint that does not load: %s", err)
+        if errors:
+            raise InputError(self.run_dir, f"none of its {len(ckpts)} checkpoints loads (newest: {errors[0]})")
+        return None
 
     def best_metric(self) -> Optional[float]:
         path = self.run_dir / "best.json"

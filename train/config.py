@@ -94,7 +94,8 @@ class AmpConfig(Section):
 
     PANEL = "Precision"
 
-    enabled: bool = option(False, flag="--amp", help="Mixed precision (autocast).")
+    enabled: Optional[bool] = option(None, flag="--amp", help="Mixed precision (autocast); default: on for cuda "
+                                     "and npu, off on the CPU.")
     dtype: str = option("bf16", flag="--amp-dtype", help="Autocast dtype.", choices=AMP_DTYPES)
     loss_scale: float = option(65536.0, help="fp16: initial loss scale.", check=greater(0))
     dynamic_loss_scale: bool = option(True, negative="--static-loss-scale",
@@ -111,6 +112,15 @@ class DistConfig(Section):
     device_id: int = option(-1, help="Device index (-1: LOCAL_RANK under torchrun, else 0).", check=at_least(-1))
     backend: str = option("auto", flag="--dist-backend", help="Process-group backend (auto: gloo on cpu, nccl on "
                           "cuda, hccl on npu).", choices=dist_backends)
+    timeout: float = option(1800.0, flag="--dist-timeout", help="Seconds a collective may wait for the other "
+                            "ranks before the run fails.", check=greater(0))
+    bucket_mb: float = option(25.0, flag="--ddp-bucket-mb", help="DDP gradient bucket size in MB.",
+                              check=greater(0))
+    bucket_view: bool = option(True, flag="--ddp-bucket-view", help="DDP gradient_as_bucket_view: gradients live "
+                               "in the all-reduce buckets (saves a copy and the memory of one).")
+    static_graph: bool = option(False, flag="--ddp-static-graph", help="DDP static_graph: the same parameters get "
+                                "gradients every step (true for lresnet's backbones), which lets DDP skip "
+                                "per-step bookkeeping.")
 
 
 @dataclass(frozen=True)

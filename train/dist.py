@@ -63,7 +63,21 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(name, f"got {raw!r} in the environment, expected an integer") from None
 
 
-def setup_distributed(cfg: DistConfig, timeout_s: float = 1800.0) -> DistContext:
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """Under torchrun, the key-value store of this restart attempt (None: torch's default env:// store).
+
+    The workers of every attempt share torchrun's agent store, and the process group's keys (each
+    rank's address) carry no attempt number: a restarted rank could read the address a killed
+    rank of the failed attempt left there and fail to connect. A prefix per attempt keeps them apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"lresnet/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def setup_distributed(cfg: DistConfig) -> DistContext:
     """Read torchrun's environment, pick the device and, with WORLD_SIZE > 1, start the process group."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -77,8 +91,9 @@ def setup_distributed(cfg: DistConfig, timeout_s: float = 1800.0) -> DistContext
             kwargs = {}
             if device.type == "cuda":
                 kwargs["device_id"] = device  # binds NCCL to this rank's GPU up front
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+            timeout = datetime.timedelta(seconds=cfg.timeout)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    store=_attempt_store(world_size, timeout), **kwargs)
         log.info("process group %s: rank %d of %d on %s", backend, rank, world_size, device)
     return DistContext(World(rank=rank, world_size=world_size), local_rank, device, backend)
 
@@ -100,23 +115,44 @@ def teardown_distributed(ctx: DistContext, meet: bool = True) -> None:
 
 
 class FaceModel(nn.Module):
-    """Backbone + margin head as one module: ``forward(images, labels) -> loss``."""
+    """Backbone + margin head as one module: ``forward(images, labels) -> loss``.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    The loss is what the step differentiates: with a replicated head on several ranks, each rank's
+    sum over its valid rows (label != -1) divided by the valid rows of the *global* batch, times the
+    world size, so that DDP's average over ranks is the gradient of the global-batch mean even when
+    ignored rows fall unevenly across ranks (each rank's own mean, averaged, would weight a rank's
+    rows by how many of its rows are valid). Alone, or with Partial FC (whose loss is already the
+    global-batch mean), it is the head's loss.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, world_size: int = 1):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.world_size = world_size
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images), labels)
+        loss = self.head(self.backbone(images), labels)
+        if self.world_size == 1:
+            return loss
+        local_valid = (labels != -1).sum()
+        global_valid = local_valid.clone()
+        dist.all_reduce(global_valid)  # on the device: no host synchronisation
+        local_sum = loss * local_valid.clamp_min(1).to(loss.dtype)  # the head's mean is 0 without valid rows
+        return local_sum * (self.world_size / global_valid.clamp_min(1).to(loss.dtype))
 
 
-def wrap_for_training(backbone: nn.Module, head: nn.Module, ctx: DistContext, head_sharded: bool) -> nn.Module:
+def wrap_for_training(backbone: nn.Module, head: nn.Module, ctx: DistContext, head_sharded: bool,
+                      cfg: Optional[DistConfig] = None) -> nn.Module:
     """The module the loop calls. Alone: plain FaceModel. Distributed: DDP around backbone+head,
-    or around the backbone only when the head is sharded (Partial FC)."""
+    or around the backbone only when the head is sharded (Partial FC). `cfg` sets DDP's bucket size,
+    gradient_as_bucket_view and static_graph."""
     if not ctx.distributed:
         return FaceModel(backbone, head)
-    device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
+    cfg = cfg or DistConfig()
+    ddp_options = {"device_ids": None if ctx.device.type == "cpu" else [ctx.device.index],
+                   "bucket_cap_mb": cfg.bucket_mb, "gradient_as_bucket_view": cfg.bucket_view,
+                   "static_graph": cfg.static_graph}
     if head_sharded:
         from lresnet.model.partial_fc import sum_allreduce_hook
 
@@ -124,10 +160,10 @@ def wrap_for_training(backbone: nn.Module, head: nn.Module, ctx: DistContext, he
         # each rank that loss's gradient for its own embeddings: summing (not averaging) the backbone
         # gradients gives exactly the gradient of the global batch, as the replicated head does, so a
         # run behaves the same (same LR) whichever head it uses
-        ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+        ddp = nn.parallel.DistributedDataParallel(backbone, **ddp_options)
         ddp.register_comm_hook(None, sum_allreduce_hook)
         return FaceModel(ddp, head)
-    return nn.parallel.DistributedDataParallel(FaceModel(backbone, head), device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(FaceModel(backbone, head, ctx.world.world_size), **ddp_options)
 
 
 def all_reduce_min(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -1,16 +1,17 @@
 """The training loop: ``train(config)``.
 
-One screen of loop, the rest small helpers. Per step: wait for the next batch
-(already being copied to the device), set the LR for this step, forward under
-autocast (bf16, or fp16 with a GradScaler — one code path), backward, optional
-gradient clipping, then the optimizer step unless the loss (or gradient) is not
-finite. The loss is accumulated on the device and read with ``.item()`` only at
-log intervals; the one per-step host read is the finiteness flag, which the host
-needs to decide whether to step (GradScaler makes the same read).
+A :class:`Trainer` holds one run's state; :meth:`Trainer.run` is the loop, readable in one
+screen. Per step: take the next batch (already being copied to the device), set the step's
+learning rate, forward under autocast (bf16, or fp16 with a GradScaler: one code path),
+backward, optional clipping, then the optimizer step, which skips itself on the device when the
+loss or gradient is not finite on any rank (a fused optimizer reads the flag, as it does
+GradScaler's found_inf). Nothing in a step reads a device value on the host: the loss, the
+skipped-step counters and a stop request are read at log intervals.
 
-Rank 0 verifies (through ``lresnet.eval``), writes metrics and checkpoints; every
-rank takes part in checkpointing because loader positions, RNG states and a
-sharded head's centres are gathered from all of them.
+Rank 0 verifies (through ``lresnet.eval``), writes metrics and checkpoints; every rank takes part
+in checkpointing because loader positions, RNG states and a sharded head's centres are gathered
+from all of them. SIGTERM or SIGINT (what a cluster sends before preempting a job) stops every
+rank at the next log interval, after a checkpoint; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lresnet.core.device import autocast_dtype
 from lresnet.core.errors import InputError
-from lresnet.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from lresnet.core.files import make_out_dir
+from lresnet.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from lresnet.train.config import TrainConfig, save_config, to_dict
-from lresnet.train.dist import (DistContext, all_reduce_min, gather_objects, setup_distributed,
-                                teardown_distributed, wrap_for_training)
+from lresnet.train.dist import (DistContext, gather_objects, setup_distributed, teardown_distributed,
+                                wrap_for_training)
 from lresnet.train.schedule import build_optimizer, build_schedule, param_groups, set_lr, total_steps
+from lresnet.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,15 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 class TrainingAborted(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite for K steps in a row)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal ended the run after a checkpoint; rerunning the same command resumes it."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Optional[Path]):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        where = f"checkpoint {checkpoint} written" if checkpoint else "no checkpoint written"
+        super().__init__(f"{signal_name} at step {step}: {where}; run the same command again to resume")
 
 
 @dataclass
@@ -57,6 +70,7 @@ class TrainResult:
     images_per_s: float  # end to end, all ranks
     images_per_s_step: float  # the reference's way: step time without data wait
     data_wait_fraction: float
+    corrupt_samples: int = 0
     verification: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -101,29 +115,31 @@ class Throughput:
                 "data_wait_fraction": self.total["wait"] / t}
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, autocast_dtype: Optional[torch.dtype],
-               params: tuple[list[nn.Parameter], list[nn.Parameter]], grad_clip: float,
-               ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Forward, backward, clip, and step unless the loss or gradient is not finite on some rank.
+class StepHealth:
+    """Skipped (non-finite) steps, counted on the device and read at log intervals.
 
-    Returns ``(loss, grad_norm, stepped)``; loss and norm stay on the device.
+    ``update(bad)`` costs a few tiny device ops and no host synchronisation; :meth:`read` gives
+    the totals, the longest run of consecutive bad steps since the last read (runs carry over
+    reads) and the last bad step.
     """
-    with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(images, labels)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = clip_and_norm(params[0], params[1], grad_clip, ctx)
-    finite = torch.isfinite(loss.detach())
-    if not scaler.is_enabled():  # with fp16 the scaler itself skips steps whose gradients overflowed
-        finite = finite & torch.isfinite(grad_norm)
-    # the host must decide whether to step (GradScaler makes the same read); every rank decides alike
-    stepped = bool(all_reduce_min(finite.to(torch.float32), ctx).item() > 0)
-    if stepped:
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm, stepped
+
+    def __init__(self, device: torch.device):
+        self.skipped, self.run, self.longest = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(3))
+        self.last_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.skipped_before = 0
+
+    def update(self, bad: torch.Tensor, step: int) -> None:
+        bad = bad.to(torch.int64)
+        self.skipped += bad
+        self.run.add_(1).mul_(bad)
+        torch.maximum(self.longest, self.run, out=self.longest)
+        self.last_bad.copy_(torch.where(bad > 0, step, self.last_bad))
+
+    def read(self) -> tuple[int, int, int]:
+        """``(skipped in total, longest run since the last read, last bad step)``: one host read."""
+        skipped, longest, last_bad = torch.stack([self.skipped, self.longest, self.last_bad]).tolist()
+        self.longest.copy_(self.run)
+        return self.skipped_before + skipped, longest, last_bad
 
 
 def seed_everything(seed: int) -> None:
@@ -145,13 +161,28 @@ def build_loader(cfg: TrainConfig, ctx: DistContext):
     return build_train_loader(None, d, ctx.world, seed=cfg.seed)
 
 
+def use_amp(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None: ``amp.enabled`` unset means on for accelerators, off on the CPU."""
+    enabled = cfg.amp.enabled if cfg.amp.enabled is not None else device.type != "cpu"
+    return autocast_dtype(cfg.amp.dtype) if enabled else None
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """channels_last on accelerators only: on CPU it gains little, and torch's CPU backward of a
+    strided 1x1 conv with few channels in channels_last crashes (seen with torch 2.13, 8 channels)."""
+    return cfg.model.channels_last and device.type != "cpu"
+
+
 def build_networks(cfg: TrainConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module, bool]:
     """Backbone and margin head on the device; returns ``(backbone, head, head_sharded)``."""
     from lresnet.model import create_backbone
     from lresnet.model.partial_fc import create_head
 
-    backbone = create_backbone(cfg.model.net, embedding_size=cfg.model.embedding_size,
-                               dropout=cfg.model.dropout, **cfg.model.options)
+    try:
+        backbone = create_backbone(cfg.model.net, embedding_size=cfg.model.embedding_size,
+                                   dropout=cfg.model.dropout, **cfg.model.options)
+    except TypeError as err:  # an option this backbone family does not take
+        raise InputError("model.options", f"{cfg.model.net} does not take {sorted(cfg.model.options)}: {err}") from None
     h = cfg.head
     sharded = h.partial_fc and ctx.distributed
     head = create_head(h.name, cfg.model.embedding_size, num_classes, s=h.s, m=h.m, m1=h.m1, m2=h.m2, m3=h.m3,
@@ -160,12 +191,6 @@ def build_networks(cfg: TrainConfig, num_classes: int, ctx: DistContext) -> tupl
     memory_format = torch.channels_last if use_channels_last(cfg, ctx.device) else torch.contiguous_format
     backbone = backbone.to(ctx.device, memory_format=memory_format)
     return backbone, head.to(ctx.device), sharded
-
-
-def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    """channels_last on accelerators only: on CPU it gains little, and torch's CPU backward of a
-    strided 1x1 conv with few channels in channels_last crashes (seen with torch 2.13, 8 channels)."""
-    return cfg.model.channels_last and device.type != "cpu"
 
 
 def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
@@ -180,19 +205,32 @@ def load_head_state(head: nn.Module, state: dict[str, torch.Tensor]) -> None:
         head.load_state_dict(state)
 
 
-def amp_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
-    """The autocast dtype, or None when AMP is off."""
-    if not cfg.amp.enabled:
-        return None
-    return torch.bfloat16 if cfg.amp.dtype == "bf16" else torch.float16
-
-
-def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+def make_scaler(cfg: TrainConfig, amp: Optional[torch.dtype], device: torch.device) -> torch.amp.GradScaler:
     """A GradScaler, enabled only for fp16 (bf16 needs none). A fixed scale never grows but backs off on overflow."""
-    enabled = cfg.amp.enabled and cfg.amp.dtype == "fp16"
     growth = 2000 if cfg.amp.dynamic_loss_scale else 2**31 - 1
     return torch.amp.GradScaler(device.type, init_scale=cfg.amp.loss_scale, growth_interval=growth,
-                                enabled=enabled)
+                                enabled=amp == torch.float16)
+
+
+def fused_step_available(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer skips its own update when ``optimizer.found_inf`` is set (fused SGD)."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def init_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers where none exist yet.
+
+    Equal to SGD's first step (buf = grad when buf is 0 and dampening is 0), but a fused step that
+    is skipped on the device before any buffer exists would otherwise leave uninitialised memory
+    as the momentum of the next step.
+    """
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def clip_and_norm(replicated: list[nn.Parameter], sharded: list[nn.Parameter], max_norm: float,
@@ -279,20 +317,6 @@ def load_pair_sets(cfg: TrainConfig) -> list:
     return [load_pair_set(name, data_dir=cfg.eval.val) for name in names]
 
 
-def verify(backbone: nn.Module, pair_sets: list, cfg: TrainConfig, device: torch.device) -> dict[str, dict]:
-    """Verification of `backbone` on every set (eval mode, then back to train mode)."""
-    from lresnet.eval import verify_backbone
-
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        return {ps.name: verify_backbone(backbone, ps, batch_size=cfg.eval.batch_size, device=device,
-                                         flip=cfg.eval.flip, amp_dtype=amp_dtype(cfg)).as_dict()
-                for ps in pair_sets}
-    finally:
-        backbone.train(was_training)
-
-
 def params_digest(backbone: nn.Module, head: nn.Module, head_sharded: bool) -> str:
     """sha256 over the replicated parameters (not BN statistics, which each rank updates from its own batch)."""
     digest = hashlib.sha256()
@@ -316,6 +340,10 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str =
     return out
 
 
+# what a checkpoint's weights depend on: another value here cannot resume from it
+_ARCHITECTURE_KEYS = ("model.net", "model.embedding_size", "model.options")
+
+
 def _broadcast_float(value: float, ctx: DistContext) -> float:
     if not ctx.distributed:
         return value
@@ -324,36 +352,303 @@ def _broadcast_float(value: float, ctx: DistContext) -> float:
     return float(t.item())
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer, drop: set[int]) -> dict[str, Any]:
-    """The optimizer state without the parameters listed in `drop` (a sharded head's, which differ per rank)."""
-    state = optimizer.state_dict()
-    if drop:
-        state["state"] = {k: v for k, v in state["state"].items() if k not in drop}
-    return state
+def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        dist.all_reduce(t)
+    return t
 
 
-def restore(path: Path, cfg: TrainConfig, ctx: DistContext, backbone: nn.Module, head: nn.Module,
-            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> tuple[int, Any]:
-    """Load a checkpoint into the run's objects and this rank's RNG; returns ``(step, loader position)``."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    changed = config_changes(ckpt["config"], to_dict(cfg))
-    if changed:
-        log.warning("resuming with a changed config: %s", "; ".join(changed))
-    backbone.load_state_dict(ckpt["backbone"])
-    load_head_state(head, ckpt["head"])  # the full centre matrix, re-sharded for this world
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    same_world = len(ckpt["rng"]) == ctx.world.world_size
-    rank = ctx.world.rank if same_world else 0
-    if not same_world:
-        log.warning("checkpoint was written by %d ranks, now %d: every rank takes rank 0's RNG state",
-                    len(ckpt["rng"]), ctx.world.world_size)
-    set_rng_state(ckpt["rng"][rank], ctx.device)
-    log.info("resumed from %s at step %d", path, ckpt["step"])
-    return int(ckpt["step"]), ckpt["loader"][rank]
+# ----------------------------------------------------------------------------- the run
 
+class Trainer:
+    """One training run: built from a config, resumed from ``cfg.out`` when it holds a checkpoint."""
 
-# ----------------------------------------------------------------------------- the loop
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, loader: Any = None):
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.out)
+        if ctx.is_main:
+            make_out_dir(self.run_dir)
+            save_config(cfg, self.run_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed + ctx.world.rank)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.loader = loader if loader is not None else build_loader(cfg, ctx)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise InputError(cfg.data.shards, f"0 batches per epoch at batch size {cfg.data.batch_size} per device")
+        self.last_step = total_steps(cfg.schedule, self.steps_per_epoch)
+        if not self.loader.num_classes:
+            raise InputError(cfg.data.shards, "the class count is unknown (no manifest.json beside the shards)")
+        self.backbone, self.head, self.head_sharded = build_networks(cfg, self.loader.num_classes, ctx)
+        self.forward_backbone = self.backbone
+        if cfg.model.compile:  # the head stays eager: its margin math is fp32 and data dependent
+            self.forward_backbone = torch.compile(self.backbone, mode=cfg.model.compile_mode)
+        self.model = wrap_for_training(self.forward_backbone, self.head, ctx, self.head_sharded, cfg.dist)
+        self.replicated = list(self.backbone.parameters()) + ([] if self.head_sharded else list(self.head.parameters()))
+        self.sharded = list(self.head.parameters()) if self.head_sharded else []
+        self.global_batch = cfg.data.batch_size * ctx.world.world_size
+        self.schedule = build_schedule(cfg.schedule, cfg.optim, self.steps_per_epoch, self.global_batch)
+        self.optimizer = build_optimizer(param_groups(self.backbone, self.head, cfg.optim), cfg.optim,
+                                         self.schedule(0), device=ctx.device)
+        init_momentum(self.optimizer)
+        self.fused = fused_step_available(self.optimizer)
+        self.amp = use_amp(cfg, ctx.device)
+        self.scaler = make_scaler(cfg, self.amp, ctx.device)
+        self.manager = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        self.health = StepHealth(ctx.device)
+        self.step = cfg.schedule.start_epoch * self.steps_per_epoch
+        self.loader_position: Optional[dict] = None
+        self.resumed = self.resume()
+        self.start_step = self.step
+        if ctx.is_main:
+            self.manager.truncate_after(self.step)
+        self.metrics = (MetricsLog(self.run_dir, cfg.log.tensorboard, self.step if self.resumed else None)
+                        if ctx.is_main else None)
+        self.pair_sets = load_pair_sets(cfg) if ctx.is_main else []
+        self.has_eval = _broadcast_float(1.0 if self.pair_sets else 0.0, ctx) > 0
+        self.speed = Throughput(self.step, self.global_batch)
+        self.loss_sum = torch.zeros(2, device=ctx.device)  # loss sum and stepped count of the log window
+        self.last_loss = float("nan")
+        self.last_verification: dict[str, dict] = {}
+        self.prefetcher = None
+
+    # --- start or resume
+    def resume(self) -> bool:
+        """Load the newest good checkpoint in the run directory, if resuming; True when one was loaded."""
+        if not self.cfg.checkpoint.resume:
+            if self.manager.latest() is not None:
+                raise InputError(self.run_dir, "holds checkpoints of an earlier run; resume it (drop --no-resume) "
+                                 "or choose another --out")
+            return False
+        found = self.manager.load_latest(map_location="cpu")
+        if found is None:
+            return False
+        path, ckpt = found
+        self._check_compatible(path, ckpt)
+        changed = config_changes(ckpt["config"], to_dict(self.cfg))
+        if changed:
+            log.warning("resuming with a changed config: %s", "; ".join(changed))
+        self.backbone.load_state_dict(ckpt["backbone"])
+        load_head_state(self.head, ckpt["head"])  # the full centre matrix, re-sharded for this world
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        init_momentum(self.optimizer)  # a sharded head's momentum is not checkpointed
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.health.skipped_before = int(ckpt.get("skipped_steps", 0))
+        ranks = len(ckpt["rng"])
+        rank = self.ctx.world.rank if ranks == self.ctx.world.world_size else 0
+        if ranks != self.ctx.world.world_size:
+            log.warning("checkpoint was written by %d ranks, now %d: every rank takes rank 0's RNG state",
+                        ranks, self.ctx.world.world_size)
+        set_rng_state(ckpt["rng"][rank], self.ctx.device)
+        self.step, self.loader_position = int(ckpt["step"]), ckpt["loader"][rank]
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _check_compatible(self, path: Path, ckpt: dict[str, Any]) -> None:
+        saved, now = ckpt["config"], to_dict(self.cfg)
+        differ = [c for c in config_changes(saved, now) if c.split(":", 1)[0] in _ARCHITECTURE_KEYS]
+        classes = ckpt["head"]["weight"].shape[0] if "weight" in ckpt["head"] else None
+        if classes is not None and classes != self.loader.num_classes:
+            differ.append(f"classes: {classes} -> {self.loader.num_classes}")
+        if differ:
+            raise InputError(self.run_dir, f"holds a run of another model ({'; '.join(differ)}, from {path.name}); "
+                             "train into another --out (runs without --out share runs/lresnet)")
+
+    # --- the loop
+    def run(self, stop: StopRequest, progress: Optional[ProgressFn] = None) -> TrainResult:
+        self.model.train()
+        while self.step < self.last_step:
+            epoch = self.step // self.steps_per_epoch
+            batches = self.epoch_batches(epoch)
+            epoch_end = min((epoch + 1) * self.steps_per_epoch, self.last_step)
+            while self.step < epoch_end:
+                images, labels = self.next_batch(batches)
+                self.train_step(images, labels)
+                self.step += 1
+                if self.step % self.cfg.log.every == 0 or self.step == self.last_step:
+                    self.log(progress)
+                    if stop.agreed(self.ctx):
+                        self.stop_now(stop)
+                self.verify_and_checkpoint()
+            del batches
+        if self.metrics is not None:
+            self.metrics.close()
+        return self.result()
+
+    def epoch_batches(self, epoch: int):
+        """This epoch's batches on the device (resuming inside it when the checkpoint was)."""
+        from lresnet.pipeline import DevicePrefetcher
+
+        self.loader.set_epoch(epoch)
+        if self.loader_position is not None and self.step % self.steps_per_epoch:
+            try:
+                self.loader.load_state_dict(self.loader_position)
+            except ValueError as err:  # another world size, batch size or worker count than when saved
+                log.warning("%s; epoch %d restarts from its first batch", err, epoch)
+        self.loader_position = None
+        self.prefetcher = DevicePrefetcher(self.loader, self.ctx.device,
+                                           channels_last=use_channels_last(self.cfg, self.ctx.device))
+        return iter(self.prefetcher)
+
+    def next_batch(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        # DataLoader draws its worker seed from the global torch RNG whenever an epoch starts; a
+        # forked RNG keeps data loading from shifting the training stream (dropout, sampling),
+        # which a resumed run (new iterator mid-epoch) must reproduce exactly
+        with torch.random.fork_rng(devices=[]):
+            images, labels = next(batches, (None, None))
+        if images is None:
+            raise InputError(self.cfg.data.shards, f"loader ended at step {self.step}, expected "
+                             f"{self.steps_per_epoch} batches per epoch")
+        self.speed.add_wait(time.perf_counter() - t0)
+        return images, labels
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Forward, backward, clip, step; a non-finite loss or gradient on any rank skips the update.
+
+        The skip is decided on the device: the flag goes to a fused optimizer as ``found_inf`` (fp16:
+        GradScaler's own overflow check is folded in), so no value is read on the host.
+        """
+        set_lr(self.optimizer, self.schedule(self.step))
+        with torch.autocast(self.ctx.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = self.model(images, labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        self.grad_norm = clip_and_norm(self.replicated, self.sharded, self.cfg.optim.grad_clip, self.ctx)
+        loss = loss.detach().float()
+        flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(self.grad_norm)]).float()
+        if self.ctx.distributed:  # one rank's inf loss (finite gradient) skips the step everywhere
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skip = flags.amax()
+        # fp16: gradient overflow is GradScaler's business (it lowers the scale), not a bad step
+        self.health.update(flags[0] if self.scaler.is_enabled() else skip, self.step + 1)
+        if self.fused:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip
+            self.optimizer.step()
+        elif not skip.item():  # an optimizer without a device-side skip: the one host read of a step
+            self.optimizer.step()
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        stepped = 1.0 - skip
+        self.loss_sum += torch.stack([torch.nan_to_num(loss) * stepped, stepped])
+
+    def log(self, progress: Optional[ProgressFn]) -> None:
+        """Read the window's loss and counters (the only host reads of the loop); abort on K bad steps in a row."""
+        skipped, longest, last_bad = self.health.read()
+        window = _all_reduce_sum(self.loss_sum, self.ctx).tolist()
+        self.loss_sum = torch.zeros(2, device=self.ctx.device)
+        self.last_loss = window[0] / window[1] if window[1] else float("nan")
+        self.skipped_steps = skipped
+        if longest >= self.cfg.max_nonfinite:
+            raise TrainingAborted(
+                f"the loss or gradient was not finite for {longest} steps in a row (last at step {last_bad}, "
+                f"lr {self.schedule(max(last_bad - 1, 0)):.3g}); lower --lr, set --grad-clip, or use --amp-dtype bf16")
+        if last_bad > self.step - self.cfg.log.every:
+            log.warning("step %d: non-finite loss or gradient, %d step(s) skipped so far", last_bad, skipped)
+        corrupt = self.loader.stats.corrupt_samples if hasattr(self.loader, "stats") else 0
+        record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": self.last_loss,
+                  "lr": self.schedule(self.step - 1), "grad_norm": float(self.grad_norm.item()),
+                  "skipped_steps": skipped, "corrupt_samples": corrupt, **self.speed.window(self.step)}
+        if self.scaler.is_enabled():
+            record["loss_scale"] = float(self.scaler.get_scale())
+        if self.metrics is not None:
+            self.metrics.write(record)
+            if progress is not None:
+                progress({**record, "total_steps": self.last_step})
+
+    def verify_and_checkpoint(self) -> None:
+        """Verification and checkpoints on their schedules (their time is left out of the throughput)."""
+        t0 = time.perf_counter()
+        cfg, step = self.cfg, self.step
+        metric = None
+        if self.has_eval and ((cfg.eval.every and step % cfg.eval.every == 0) or step == self.last_step
+                              or (cfg.eval.at_epoch_end and step % self.steps_per_epoch == 0)):
+            metric = self.verify()
+            best = self.manager.best_metric() if self.ctx.is_main else None
+            improved = metric == metric and (best is None or metric > best)  # NaN: no sets scored
+            metric = metric if _broadcast_float(1.0 if improved else 0.0, self.ctx) > 0 else None
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == self.last_step or metric is not None:
+            self.checkpoint(metric)
+        self.speed.exclude(time.perf_counter() - t0)
+
+    def verify(self) -> float:
+        """Verification on rank 0; every rank gets the mean accuracy (NaN when nothing was scored)."""
+        from lresnet.eval import verify_backbone
+
+        results = {}
+        if self.ctx.is_main and self.pair_sets:
+            was_training = self.backbone.training
+            self.backbone.eval()
+            try:
+                results = {ps.name: verify_backbone(self.backbone, ps, batch_size=self.cfg.eval.batch_size,
+                                                    device=self.ctx.device, flip=self.cfg.eval.flip,
+                                                    amp_dtype=self.amp).as_dict()
+                           for ps in self.pair_sets}
+            finally:
+                self.backbone.train(was_training)
+        mean_acc = float(np.mean([r["accuracy"] for r in results.values()])) if results else float("nan")
+        if self.metrics is not None and results:
+            self.metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                "verification": results, "mean_accuracy": mean_acc})
+            log.info("step %d verification: %s", self.step,
+                     ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in results.items()))
+        self.last_verification = results or self.last_verification
+        return _broadcast_float(mean_acc, self.ctx)
+
+    def checkpoint(self, metric: Optional[float] = None) -> Optional[Path]:
+        """Write ``ckpt-STEP.pt`` (rank 0; every rank contributes its loader position and RNG)."""
+        skipped, _, _ = self.health.read()
+        state = {
+            "backbone": self.backbone.state_dict(),
+            "head": head_state(self.head),  # collective for a sharded head
+            "optimizer": self._optimizer_state(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.as_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "skipped_steps": skipped,
+            # the prefetcher's state does not count the batch it holds ahead
+            "loader": gather_objects(self.prefetcher.state_dict(), self.ctx),
+            "rng": gather_objects(rng_state(self.ctx.device), self.ctx),
+            "config": to_dict(self.cfg),
+            # per rank: proof that every replica ran the same steps and holds the same weights
+            "ranks": {"step": gather_objects(self.step, self.ctx),
+                      "params_sha256": gather_objects(params_digest(self.backbone, self.head, self.head_sharded),
+                                                      self.ctx)},
+        }
+        if not self.ctx.is_main:
+            return None
+        if len(set(state["ranks"]["params_sha256"])) > 1:
+            log.warning("step %d: replicas hold different weights: %s", self.step, state["ranks"]["params_sha256"])
+        return self.manager.save(state, self.step, metric)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state without a sharded head's (it differs per rank; its momentum restarts on resume)."""
+        state = self.optimizer.state_dict()
+        if self.ctx.distributed and self.sharded:
+            ids = {id(p) for p in self.sharded}
+            order = [p for g in self.optimizer.param_groups for p in g["params"]]
+            drop = {i for i, p in enumerate(order) if id(p) in ids}
+            state["state"] = {k: v for k, v in state["state"].items() if k not in drop}
+        return state
+
+    def stop_now(self, stop: StopRequest) -> None:
+        """Checkpoint (unless this step just got one) and end the run on a stop signal."""
+        written = self.manager.latest()
+        path = written if written is not None and written.name == f"ckpt-{self.step:08d}.pt" else self.checkpoint()
+        if self.metrics is not None:
+            self.metrics.close()
+        raise TrainingInterrupted(stop.name, self.step, path if self.ctx.is_main else None)
+
+    def result(self) -> TrainResult:
+        corrupt = self.loader.stats.corrupt_samples if hasattr(self.loader, "stats") else 0
+        return TrainResult(run_dir=str(self.run_dir), steps=self.step, start_step=self.start_step,
+                           skipped_steps=self.health.read()[0], final_loss=self.last_loss,
+                           corrupt_samples=corrupt, verification=self.last_verification, **self.speed.overall())
+
 
 def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, loader: Any = None) -> TrainResult:
     """Train as `cfg` says; resume from the newest checkpoint in ``cfg.out`` when there is one.
@@ -363,178 +658,17 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, loader: Any =
         progress: called on rank 0 at each log interval with the metrics record.
         loader: an already built per-rank loader (tests, benchmarks); default: from ``cfg.data``.
     Raises:
-        InputError: bad data, checkpoint or verification set.
+        InputError: bad data, checkpoint, verification set or run directory; a checkpoint that cannot
+            be written.
         TrainingAborted: the loss was not finite for ``cfg.max_nonfinite`` steps in a row.
+        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
     ctx = setup_distributed(cfg.dist)
     try:
-        result = _train(cfg, ctx, progress, loader)
+        with StopRequest.on_signals() as stop:
+            result = Trainer(cfg, ctx, loader).run(stop, progress)
     except BaseException:
         teardown_distributed(ctx, meet=False)  # the peers may never reach a last barrier
         raise
     teardown_distributed(ctx)
     return result
-
-
-def _train(cfg: TrainConfig, ctx: DistContext, progress: Optional[ProgressFn], loader: Any) -> TrainResult:
-    run_dir = Path(cfg.out)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed + ctx.world.rank)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-
-    loader = loader if loader is not None else build_loader(cfg, ctx)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise InputError(cfg.data.shards, f"0 batches per epoch at batch size {cfg.data.batch_size} per device")
-    last_step = total_steps(cfg.schedule, steps_per_epoch)
-    if not loader.num_classes:
-        raise InputError(cfg.data.shards, "the class count is unknown (no manifest.json beside the shards)")
-    backbone, head, head_sharded = build_networks(cfg, loader.num_classes, ctx)
-    model = wrap_for_training(backbone, head, ctx, head_sharded)
-    replicated = [p for p in backbone.parameters()] + ([] if head_sharded else list(head.parameters()))
-    sharded = list(head.parameters()) if head_sharded else []
-    global_batch = cfg.data.batch_size * ctx.world.world_size
-    schedule = build_schedule(cfg.schedule, cfg.optim, steps_per_epoch, global_batch)
-    optimizer = build_optimizer(param_groups(backbone, head, cfg.optim), cfg.optim, schedule(0))
-    sharded_ids = {id(p) for p in sharded}
-    sharded_index = {i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
-                     if id(p) in sharded_ids}
-    scaler = make_scaler(cfg, ctx.device)
-    autocast_dtype = amp_dtype(cfg)
-    manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
-
-    # --- start or resume
-    step = cfg.schedule.start_epoch * steps_per_epoch
-    loader_position = None
-    if not cfg.checkpoint.resume and manager.latest() is not None:
-        raise InputError(run_dir, "holds checkpoints of an earlier run; resume it (drop --no-resume) "
-                         "or choose another --out")
-    ckpt_path = manager.latest() if cfg.checkpoint.resume else None
-    if ckpt_path is not None:
-        step, loader_position = restore(ckpt_path, cfg, ctx, backbone, head, optimizer, scaler)
-    if ctx.is_main:
-        manager.truncate_after(step)
-    metrics = MetricsLog(run_dir, cfg.log.tensorboard, step if ckpt_path else None) if ctx.is_main else None
-    pair_sets = load_pair_sets(cfg) if ctx.is_main else []
-    has_eval = _broadcast_float(1.0 if pair_sets else 0.0, ctx) > 0
-
-    def checkpoint(metric: Optional[float]) -> None:
-        state = {
-            "backbone": backbone.state_dict(),
-            "head": head_state(head),  # collective for a sharded head
-            "optimizer": _optimizer_state(optimizer, sharded_index if ctx.distributed else set()),
-            "scaler": scaler.state_dict(),
-            "schedule": schedule.as_dict(),
-            "step": step,
-            "epoch": step // steps_per_epoch,
-            # the prefetcher's state does not count the batch it holds ahead
-            "loader": gather_objects(prefetcher.state_dict(), ctx),
-            "rng": gather_objects(rng_state(ctx.device), ctx),
-            "config": to_dict(cfg),
-            # per rank: proof that every replica ran the same steps and holds the same weights
-            "ranks": {"step": gather_objects(step, ctx),
-                      "params_sha256": gather_objects(params_digest(backbone, head, head_sharded), ctx)},
-        }
-        if ctx.is_main:
-            if len(set(state["ranks"]["params_sha256"])) > 1:
-                log.warning("step %d: replicas hold different weights: %s", step, state["ranks"]["params_sha256"])
-            manager.save(state, step, metric)
-
-    def run_verification() -> Optional[float]:
-        results = verify(backbone, pair_sets, cfg, ctx.device) if ctx.is_main and pair_sets else {}
-        mean_acc = float(np.mean([r["accuracy"] for r in results.values()])) if results else float("nan")
-        if metrics is not None and results:
-            metrics.write({"step": step, "epoch": step / steps_per_epoch, "verification": results,
-                           "mean_accuracy": mean_acc})
-            log.info("step %d verification: %s", step,
-                     ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in results.items()))
-        nonlocal last_verification
-        last_verification = results or last_verification
-        return _broadcast_float(mean_acc, ctx)
-
-    # --- the loop
-    from lresnet.pipeline import DevicePrefetcher
-
-    model.train()
-    start_step = step
-    skipped = consecutive_bad = 0
-    last_loss = float("nan")
-    last_verification: dict[str, dict] = {}
-    speed = Throughput(step, global_batch)
-    loss_sum, loss_count = torch.zeros((), device=ctx.device), 0
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        loader.set_epoch(epoch)
-        if loader_position is not None and step % steps_per_epoch:
-            try:
-                loader.load_state_dict(loader_position)  # resume inside this epoch
-            except ValueError as err:  # another world size, batch size or worker count than when saved
-                log.warning("%s; epoch %d restarts from its first batch", err, epoch)
-        loader_position = None
-        prefetcher = DevicePrefetcher(loader, ctx.device, channels_last=use_channels_last(cfg, ctx.device))
-        batches = iter(prefetcher)
-        while step < min((epoch + 1) * steps_per_epoch, last_step):
-            t0 = time.perf_counter()
-            # DataLoader draws its worker seed from the global torch RNG whenever an epoch starts; a
-            # forked RNG keeps data loading from shifting the training stream (dropout, sampling),
-            # which a resumed run (new iterator mid-epoch) must reproduce exactly
-            with torch.random.fork_rng(devices=[]):
-                images, labels = next(batches, (None, None))
-            if images is None:
-                raise InputError(cfg.data.shards, f"loader ended at step {step}, expected {steps_per_epoch} "
-                                 "batches per epoch")
-            speed.add_wait(time.perf_counter() - t0)
-
-            lr = schedule(step)
-            set_lr(optimizer, lr)
-            loss, grad_norm, stepped = train_step(model, images, labels, optimizer, scaler, autocast_dtype,
-                                                  (replicated, sharded), cfg.optim.grad_clip, ctx)
-            step += 1
-            if stepped:
-                consecutive_bad = 0
-                loss_sum += loss.float()
-                loss_count += 1
-            else:
-                skipped += 1
-                consecutive_bad += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step,
-                            consecutive_bad)
-                if consecutive_bad >= cfg.max_nonfinite:
-                    raise TrainingAborted(
-                        f"the loss or gradient was not finite for {consecutive_bad} steps in a row "
-                        f"(last at step {step}, lr {lr:.3g}); lower --lr, set --grad-clip, or use --amp-dtype bf16")
-
-            if step % cfg.log.every == 0 or step == last_step:  # the only .item() of the loss
-                last_loss = (loss_sum / loss_count).item() if loss_count else float("nan")
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
-                          "grad_norm": float(grad_norm.item()), "skipped_steps": skipped, **speed.window(step)}
-                if scaler.is_enabled():
-                    record["loss_scale"] = float(scaler.get_scale())
-                loss_sum, loss_count = torch.zeros((), device=ctx.device), 0
-                if metrics is not None:
-                    metrics.write(record)
-                    if progress is not None:
-                        progress({**record, "total_steps": last_step})
-
-            t0 = time.perf_counter()
-            metric = None
-            if has_eval and ((cfg.eval.every and step % cfg.eval.every == 0) or step == last_step
-                             or (cfg.eval.at_epoch_end and step % steps_per_epoch == 0)):
-                metric = run_verification()
-                best = manager.best_metric() if ctx.is_main else None
-                improved = metric == metric and (best is None or metric > best)  # NaN: no sets scored
-                metric = metric if _broadcast_float(1.0 if improved else 0.0, ctx) > 0 else None
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last_step or metric is not None:
-                checkpoint(metric)
-            speed.exclude(time.perf_counter() - t0)
-        del batches
-
-    if metrics is not None:
-        metrics.close()
-    return TrainResult(run_dir=str(run_dir), steps=step, start_step=start_step, skipped_steps=skipped,
-                       final_loss=last_loss, verification=last_verification, **speed.overall())

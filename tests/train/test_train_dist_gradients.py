@@ -1,7 +1,7 @@
 """Under torchrun, both head layouts give the backbone exactly the gradient of the global batch.
 
-The replicated head sits inside DDP with the backbone (averaged per-rank means); Partial FC is outside
-DDP and the backbone's gradients are summed. Either way two ranks with half the batch each must match
+The replicated head sits inside DDP with the backbone (each rank's loss scaled by the global count of
+valid rows, then averaged); Partial FC is outside DDP and the backbone's gradients are summed. Either way two ranks with half the batch each must match
 one process with the whole batch, so a run's behaviour (and its learning rate) does not depend on the
 head layout or the number of ranks.
 """
@@ -21,10 +21,19 @@ from lresnet.model.heads import ArcFace, FCHead
 WORLD, LOCAL_BATCH, IN, D, C = 2, 4, 12, 8, 10
 
 
-def _problem() -> dict:
+LABELS = {
+    "all valid": [0, 9, 3, 1, 5, 5, 2, 7],
+    # ignored rows (corrupt samples) fall unevenly: rank 0 keeps 1 row, rank 1 all 4; averaging the
+    # ranks' own means would weight rank 0's one row like rank 1's four
+    "uneven -1": [-1, 9, -1, -1, 5, 5, 2, 7],
+    "one rank all -1": [-1, -1, -1, -1, 5, 0, 2, 7],
+}
+
+
+def _problem(case: str = "all valid") -> dict:
     gen = torch.Generator().manual_seed(5)
     return {"x": torch.randn(WORLD * LOCAL_BATCH, IN, generator=gen, dtype=torch.float64),
-            "labels": torch.tensor([0, 9, 3, 1, 5, 5, 2, 7]),  # no -1: DDP averages per-rank means
+            "labels": torch.tensor(LABELS[case]),
             "weight": torch.randn(D, IN, generator=gen, dtype=torch.float64) * 0.3,
             "centres": torch.randn(C, D, generator=gen, dtype=torch.float64)}
 
@@ -36,7 +45,7 @@ def _backbone(problem: dict) -> torch.nn.Module:
     return net
 
 
-def _rank_main(workdir: str) -> None:
+def _rank_main(workdir: str, case: str) -> None:
     """Run by each torchrun rank: one backward through wrap_for_training, for both head layouts."""
     from lresnet.model.partial_fc import PartialFC
     from lresnet.train.config import DistConfig
@@ -44,7 +53,7 @@ def _rank_main(workdir: str) -> None:
 
     ctx = setup_distributed(DistConfig(device="cpu"))
     rank = ctx.world.rank
-    problem = _problem()
+    problem = _problem(case)
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
 
     def backbone_grad(layout: str) -> torch.Tensor:
@@ -64,20 +73,21 @@ def _rank_main(workdir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_ranks_give_the_backbone_the_global_batch_gradient(tmp_path):
+@pytest.mark.parametrize("case", list(LABELS))
+def test_two_ranks_give_the_backbone_the_global_batch_gradient(case, tmp_path):
     script = ("import importlib.util, sys\n"
               "spec = importlib.util.spec_from_file_location('_grad_test', sys.argv[1])\n"
               "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-              "module._rank_main(sys.argv[2])\n")
+              "module._rank_main(sys.argv[2], sys.argv[3])\n")
     boot = tmp_path / "boot.py"
     boot.write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(WORLD), str(boot), __file__, str(tmp_path)],
+                           str(WORLD), str(boot), __file__, str(tmp_path), case],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    problem = _problem()
+    problem = _problem(case)
     backbone = _backbone(problem)
     head = FCHead(ArcFace(s=16.0, m=0.3), D, C).double()
     head.load_full_state_dict({"weight": problem["centres"]})
