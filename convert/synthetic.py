@@ -426,5 +426,136 @@ def synthetic_shards(root: PathLike, identities: int, images_per_id: int, pairs:
                        progress=convert_progress if progress else None)
 
 
+# --------------------------------------------------------------------------- IJB-B / IJB-C layout
+IJB_TARGETS = ("IJBC", "IJBB")
+IJB_ID_BASE = 20_000_000  # identities of synthetic IJB sets: apart from training and pair-set ones
+# Where the five landmarks (eyes, nose tip, mouth corners) of a rendered 112x112 view are taken to
+# lie: the ArcFace alignment template (lresnet.eval.align.ARCFACE_TEMPLATE, kept equal by a test;
+# this module does not import the eval layer), so aligning a loose crop gives back its view.
+_VIEW_LANDMARKS = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
+                            [33.5493, 92.3655], [62.7299, 92.2041]], dtype=np.float32) + np.float32([8, 0])
+
+
+def _write_text(path: Path, lines: Iterable[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="ascii")
+    os.replace(tmp, path)
+
+
+def _loose_crop(view: np.ndarray, rng: np.random.Generator, difficulty: float) -> Tuple[np.ndarray, np.ndarray]:
+    """A larger, rotated and shifted frame around a 112x112 view (nearest-neighbour placement) and
+    the 5 landmarks of the view mapped into it: ``(uint8 [H, W, 3], float32 [5, 2])``."""
+    scale = 1.0 + rng.random() * 0.8
+    theta = (rng.random() - 0.5) * 0.5 * min(difficulty, 2.0)
+    height, width = (int(IMAGE_SIZE * scale * (1.25 + 0.5 * rng.random())) for _ in range(2))
+    c, s = np.cos(theta) * scale, np.sin(theta) * scale
+    forward = np.array([[c, -s], [s, c]])
+    centre = np.array([width, height]) / 2 + (rng.random(2) - 0.5) * 0.2 * np.array([width, height])
+    shift = centre - forward @ np.array([IMAGE_SIZE / 2, IMAGE_SIZE / 2])
+    # inverse map: crop pixel -> view pixel
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    back = np.linalg.inv(forward)
+    vx = back[0, 0] * (xs - shift[0]) + back[0, 1] * (ys - shift[1])
+    vy = back[1, 0] * (xs - shift[0]) + back[1, 1] * (ys - shift[1])
+    inside = (vx >= 0) & (vx < IMAGE_SIZE) & (vy >= 0) & (vy < IMAGE_SIZE)
+    border = np.concatenate([view[0], view[-1], view[:, 0], view[:, -1]]).mean(axis=0)
+    crop = np.clip(border + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    crop[inside] = view[vy[inside].astype(np.int64), vx[inside].astype(np.int64)]
+    points = _VIEW_LANDMARKS.astype(np.float64) @ forward.T + shift + rng.normal(0, 0.4 * difficulty, (5, 2))
+    return crop, points.astype(np.float32)
+
+
+def synthesize_ijb(root: PathLike, target: str = "IJBC", identities: int = 12, templates_per_id: int = 3,
+                   max_media: int = 3, max_images_per_media: int = 3, negatives_per_positive: float = 4.0,
+                   seed: int = 0, difficulty: float = 1.0, quality: int = 95,
+                   progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
+    """Write a synthetic IJB-B/IJB-C folder in the layout arcface_torch's ``eval_ijbc.py`` reads.
+
+    ``ROOT/<target>/loose_crop/<k>.jpg`` (k = 1..N, the images in a shuffled order), and in
+    ``ROOT/<target>/meta/`` (``ijbc_`` or ``ijbb_`` prefix): ``face_tid_mid.txt`` (image, template
+    id, media id), ``name_5pts_score.txt`` (image, 5 landmarks x y, detector score) and
+    ``template_pair_label.txt`` (template, template, 1 same / 0 different). Each template holds
+    1..``max_media`` media of 1..``max_images_per_media`` images of one identity; template ids are
+    scattered integers and media ids are shared now and then between templates of one identity,
+    as in the real files. Loose crops are rendered views (:class:`FaceRenderer`) placed, scaled
+    and rotated in a larger frame; the landmarks are the view's five points mapped into it (with
+    a little detector noise), so aligning a crop gives its view back. Every pair of templates of
+    one identity is a positive pair; ``negatives_per_positive`` times as many negative pairs.
+
+    Returns:
+        a summary dict (folder, counts, seconds).
+    """
+    if target not in IJB_TARGETS:
+        raise ValueError(f"target must be one of {IJB_TARGETS}, got {target!r}")
+    if identities < 2 or templates_per_id < 2 or max_media < 1 or max_images_per_media < 1:
+        raise ValueError(f"need identities >= 2, templates_per_id >= 2, max_media >= 1, max_images_per_media >= 1; "
+                         f"got {identities}, {templates_per_id}, {max_media}, {max_images_per_media}")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 303, zlib.crc32(target.encode())]))
+    folder = Path(root) / target
+    crops, meta = folder / "loose_crop", folder / "meta"
+    crops.mkdir(parents=True, exist_ok=True)
+    meta.mkdir(parents=True, exist_ok=True)
+    prefix = target.lower()
+
+    num_templates = identities * templates_per_id
+    template_ids = np.sort(rng.choice(np.arange(1, 40 * num_templates + 1), num_templates, replace=False))
+    rng.shuffle(template_ids)
+    owner = np.repeat(np.arange(identities), templates_per_id)
+    rows: List[Tuple[int, int, int]] = []  # (template id, media id, identity)
+    next_media = 1000 + int(rng.integers(1000))
+    for ident in range(identities):
+        seen: List[int] = []
+        for t in np.flatnonzero(owner == ident):
+            for _ in range(int(rng.integers(1, max_media + 1))):
+                if seen and rng.random() < 0.2:
+                    media = seen[int(rng.integers(len(seen)))]
+                else:
+                    next_media += 1 + int(rng.integers(50))
+                    media = next_media
+                    seen.append(media)
+                rows += [(int(template_ids[t]), media, ident)] * int(rng.integers(1, max_images_per_media + 1))
+    rows = [rows[k] for k in rng.permutation(len(rows))]
+
+    renderer = FaceRenderer(seed, difficulty)
+    people = [IJB_ID_BASE + (zlib.crc32(target.encode()) % 97) * 10_000 + r[2] for r in rows]
+    tid_lines, pts_lines = [], []
+    for start, views in _views(renderer, people, rng):
+        for k, view in enumerate(views, start=start):
+            crop, points = _loose_crop(view, rng, difficulty)
+            name = f"{k + 1}.jpg"
+            (crops / name).write_bytes(encode_jpegs(crop[None], quality)[0])
+            tid_lines.append(f"{name} {rows[k][0]} {rows[k][1]}")
+            coords = " ".join(f"{v:.3f}" for v in points.reshape(-1))
+            pts_lines.append(f"{name} {coords} {0.5 + 0.5 * rng.random():.4f}")
+        if progress is not None:
+            progress(start + len(views), len(rows))
+
+    positives = [(int(template_ids[a]), int(template_ids[b]), 1)
+                 for ident in range(identities)
+                 for i, a in enumerate(np.flatnonzero(owner == ident))
+                 for b in np.flatnonzero(owner == ident)[i + 1:]]
+    wanted = int(round(len(positives) * negatives_per_positive))
+    negatives: Dict[Tuple[int, int], None] = {}
+    limit = num_templates * (num_templates - templates_per_id) // 2
+    while len(negatives) < min(wanted, limit):
+        a, b = (int(v) for v in rng.integers(num_templates, size=2))
+        if owner[a] != owner[b]:
+            negatives[(int(template_ids[min(a, b)]), int(template_ids[max(a, b)]))] = None
+    pairs = positives + [(a, b, 0) for a, b in negatives]
+    pairs = [pairs[k] for k in rng.permutation(len(pairs))]
+
+    _write_text(meta / f"{prefix}_face_tid_mid.txt", tid_lines)
+    _write_text(meta / f"{prefix}_name_5pts_score.txt", pts_lines)
+    _write_text(meta / f"{prefix}_template_pair_label.txt", (f"{a} {b} {label}" for a, b, label in pairs))
+    seconds = time.perf_counter() - t0
+    log.info("synthesized %s: %d images, %d templates, %d pairs in %.1f s", target, len(rows), num_templates,
+             len(pairs), seconds)
+    return {"folder": str(folder), "target": target, "identities": identities, "templates": num_templates,
+            "media": len({(r[0], r[1]) for r in rows}), "images": len(rows), "pairs": len(pairs),
+            "positive_pairs": len(positives), "negative_pairs": len(negatives), "seed": seed,
+            "seconds": round(seconds, 3)}
+
+
 __all__ = ["FaceRenderer", "render_faces", "render_templates", "identity_params", "encode_jpegs",
-           "synthesize", "synthetic_shards", "SETS", "EVAL_ID_BASE", "IMAGE_SIZE"]
+           "synthesize", "synthetic_shards", "synthesize_ijb", "SETS", "EVAL_ID_BASE", "IMAGE_SIZE", "IJB_TARGETS"]
