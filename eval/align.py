@@ -297,7 +297,9 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except UnidentifiedImageError:
+        raise ValueError("not a JPEG, nor an image format Pillow reads") from None
+    except (OSError, SyntaxError) as err:
         raise ValueError(str(err) or type(err).__name__) from None
 
 

@@ -370,6 +370,8 @@ def embed_images(items: Union[Sequence[ImageItem], Sequence[PathLike]], out: Pat
     rows, dim, failed = 0, 0, 0
     failures: list[tuple[str, str]] = []
     names: list[str] = []
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
+    done = False
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(raw, "wb") as sink:
@@ -398,10 +400,15 @@ def embed_images(items: Union[Sequence[ImageItem], Sequence[PathLike]], out: Pat
                              f"no usable image ({failures[0][1] if failures else 'no inputs'})")
         _write_npy_from_raw(raw, out, rows, dim)
         names_file.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        done = True
     except OSError as err:
         raise InputError(err.filename or out, f"cannot write: {err.strerror or err}") from None
     finally:
         raw.unlink(missing_ok=True)
+        if not done:
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return EmbedSummary(out=str(out), names_file=str(names_file), images=len(items), rows=rows, embedding_size=dim,
                         failed=failed, failures=tuple(failures), flip=flip, normalize=normalize,
                         aligned_from_landmarks=any(it.landmarks is not None for it in items),
