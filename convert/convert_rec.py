@@ -25,6 +25,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import struct
 import threading
 import time
@@ -36,7 +37,7 @@ import numpy as np
 import simplejpeg
 
 from lresnet.convert import manifest as mf
-from lresnet.core.errors import InputError
+from lresnet.core.errors import ENVIRONMENT_ERRNOS, InputError
 from lresnet.core.files import make_out_dir
 from lresnet.convert.pairs import load_bin
 from lresnet.convert.recordio import IR_SIZE, MAGIC, FacesEmore, MXNetRecords, jpeg_sof
@@ -384,6 +385,12 @@ def _init_worker(source: FacesEmore, reader: str, abort_event, progress_queue) -
     spawn) with its file handle closed; the fetcher opens this process's own descriptor."""
     if "fd" in _LOCK:  # forked: only the parent may hold the output folder's lock
         os.close(_LOCK.pop("fd"))
+    # Ctrl-C reaches the whole process group: the parent handles it (it sets `abort_event`, and
+    # each worker drops its shard at its next batch); a worker interrupted on its own could die
+    # while its queue's feeder thread still holds unsent progress, and the parent would wait for
+    # it forever. Progress still unsent when a worker exits is dropped, not waited for.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    progress_queue.cancel_join_thread()
     _STATE.clear()
     _STATE.update(source=source, reader=reader, abort=abort_event, queue=progress_queue, ppid=os.getppid(),
                   fetcher=None)
@@ -464,10 +471,21 @@ def _write_train_shard(job: ShardJob, source: RecordFetcher,
     with the shard size."""
     stem = mf.shard_stem(job.index)
     train_dir = Path(job.train_dir)
+    keys = np.asarray(job.keys, dtype=np.int64)
+    path = train_dir / f"{stem}.tar"
+    try:
+        return _write_shard_file(path, job, keys, source, report)
+    except OSError as err:  # the writer removed its temporary file; earlier shards are complete
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise InputError(path, f"cannot write shard: {err.strerror or err}") from None
+
+
+def _write_shard_file(path: Path, job: ShardJob, keys: np.ndarray, source: RecordFetcher,
+                      report: Optional[Callable[[int], None]]) -> Dict[str, Any]:
     skipped = mismatch = 0
     labels: List[np.ndarray] = []
-    keys = np.asarray(job.keys, dtype=np.int64)
-    with TarShardWriter(train_dir / f"{stem}.tar", train_dir / f"{stem}.idx") as writer:
+    with TarShardWriter(path, path.with_suffix(".idx")) as writer:
         for start in range(0, keys.size, BATCH):
             images = source.read_batch(keys[start:start + BATCH], job.image_size, job.skip_corrupt)
             skipped += images.skipped
@@ -648,7 +666,7 @@ def convert_rec(src_dir: PathLike, out_dir: PathLike, shard_size: int = 10000, w
         images_per_s=state.images_written / seconds if seconds > 0 else 0.0,
         mb_per_s=state.bytes_written / seconds / 1e6 if seconds > 0 else 0.0,
     )
-    summary.warnings.extend(_property_warnings(src_dir, summary))
+    summary.warnings.extend(source.notes + _property_warnings(src_dir, summary))
     for w in summary.warnings:
         log.warning("%s", w)
     return summary

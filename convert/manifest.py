@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from lresnet.core.errors import InputError
-from lresnet.convert.shards import temp_path_for
+from lresnet.core.files import atomic_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -37,12 +37,9 @@ def shard_stem(index: int) -> str:
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     """Write JSON under a temporary name, then rename it into place."""
-    path = Path(path)
-    tmp = temp_path_for(path)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def manifest_path(path_or_dir: PathLike) -> Path:

@@ -605,11 +605,14 @@ class FacesEmore:
         self.num_classes, self.image_size = self._read_property()
         if not self.rec_path.is_file():
             raise InputError(self.rec_path, "no such file")
+        # what a caller may want to report once the source is known to be good (not logged here: an
+        # error found later must stay the one line the user sees)
+        self.notes: List[str] = []
         if idx.is_file():
             self.idx_path: Optional[Path] = idx
         else:
             self.idx_path = None
-            log.warning("%s: no train.idx, indexing train.rec by a sequential scan", self.root)
+            self.notes.append(f"{self.root}: no train.idx, train.rec was indexed by a sequential scan")
         self.reader = RecordReader(self.rec_path, self.idx_path)
         self.header_key: Optional[int] = None
         self.identity_keys: range = range(0)
@@ -687,8 +690,8 @@ class FacesEmore:
                 if found is not None:
                     break
         if found is None:
-            log.warning("%s: no faces_emore header record; using every record that holds an image",
-                        self.rec_path)
+            self.notes.append(f"{self.rec_path}: no faces_emore header record; every record that holds an "
+                              "image was used")
             holds_image = ~small
             for i in np.flatnonzero(small).tolist():
                 holds_image[i] = bool(self._record_header(int(key_arr[i]))[1])

@@ -26,6 +26,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from lresnet.core.errors import InputError
+from lresnet.core.files import atomic_file, temp_path_for
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -111,11 +112,6 @@ class ShardInfo:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "count": self.count, "bytes": self.bytes, "sha256": self.sha256}
-
-
-def temp_path_for(path: Path) -> Path:
-    """Temporary name used while ``path`` is written: hidden, per process, in the same folder."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def remove_stale_temp_files(folder: PathLike) -> int:
@@ -317,14 +313,11 @@ def write_dali_index(path: PathLike, sample_lines: Sequence[str], count: Optiona
     <member name>`` groups, one group per member; offsets are of the member *data* (header + 512).
     ``count`` (samples) is needed only when an entry of ``sample_lines`` holds several lines.
     """
-    path = Path(path)
-    tmp = temp_path_for(path)
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+    with atomic_file(path, "w", encoding="ascii", newline="\n") as f:
         f.write(f"{DALI_INDEX_VERSION} {len(sample_lines) if count is None else count}\n")
         for line in sample_lines:
             f.write(line)
             f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_dali_index(path: PathLike) -> List[List[Tuple[str, int, int, str]]]:

@@ -8,6 +8,7 @@ and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Optional, Union
 
@@ -35,3 +36,10 @@ class InputError(ValueError):
 
     def __reduce__(self):  # picklable with its parts (DataLoader workers and spawn children send it)
         return (type(self), (self.path, self.message, self.where))
+
+
+# OSErrors that say something about the machine, not about lresnet's code: the CLI reports them
+# as bad input (one line naming the file, exit 2) instead of as a bug.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                                errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOENT, errno.ENOTDIR,
+                                errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST, errno.EXDEV})

@@ -1,8 +1,11 @@
-"""Output folders, made in one place with one kind of error."""
+"""Output folders and atomic file writes, done in one place with one kind of error."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
+from typing import IO, Any, Iterator
 
 from lresnet.core.errors import InputError, PathLike
 
@@ -22,3 +25,31 @@ def make_out_dir(path: PathLike) -> Path:
     except OSError as err:
         raise InputError(path, f"cannot create the folder: {err.strerror or err}") from None
     return path
+
+
+def temp_path_for(path: PathLike) -> Path:
+    """The temporary name ``path`` is written under: hidden, per process, in the same folder
+    (``.NAME.PID.tmp``, which writers of lresnet remove when the process that made it is gone)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: PathLike, mode: str = "w", fsync: bool = False, **open_args: Any) -> Iterator[IO]:
+    """Open a temporary file for writing `path`; on success it is renamed over `path`.
+
+    On an exception or an interrupt the temporary file is removed and `path` is left as it was,
+    so a reader never sees a half-written file under the final name.
+    """
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, mode, **open_args) as fh:
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,3 +1,3 @@
-from lresnet.tools.cli import main
+from lresnet.tools import main
 
 main()

@@ -7,14 +7,24 @@ and turns :class:`InputError` into a one-line message with exit code 2.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
 import sys
+import traceback
 
 import typer
+from typer import Abort as ClickAbort
 
-from lresnet.core.errors import InputError
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import (BadParameter, ClickException, MissingParameter, NoArgsIsHelpError,
+                                         NoSuchOption)
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import BadParameter, ClickException, MissingParameter, NoArgsIsHelpError, NoSuchOption
+
+from lresnet.core.errors import ENVIRONMENT_ERRNOS, InputError
+from lresnet.core.interrupt import Interrupted, signals_raise_interrupted
 
 app = typer.Typer(
     name="lresnet",
@@ -59,17 +69,88 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def main() -> None:
-    """Console-script entry point."""
+def usage_error_line(err: ClickException) -> str:
+    """A command-line parsing error as the one line every lresnet error is:
+    ``lresnet: error: --batch-size: 'abc' is not a valid integer (see lresnet train --help)``."""
+    ctx = getattr(err, "ctx", None)
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    if isinstance(err, MissingParameter):
+        message = " ".join(err.format_message().split()).rstrip(".")
+        return f"lresnet: error: {ctx.command_path if ctx is not None else 'lresnet'}: {message}{hint}"
+    if isinstance(err, NoSuchOption):
+        close = difflib.get_close_matches(err.option_name, err.possibilities or [], n=1) if err.possibilities else []
+        did_you_mean = f", did you mean {close[0]}?" if close else ""
+        return f"lresnet: error: {err.option_name}: no such option{did_you_mean}{hint}"
+    param = getattr(err, "param", None)
+    if isinstance(err, BadParameter) and param is not None:
+        where = "/".join(param.opts) if getattr(param, "opts", None) else param.name
+        message = " ".join(str(err.message).split()).rstrip(".")
+        return f"lresnet: error: {where}: {message}{hint}"
+    message = " ".join(err.format_message().split()).rstrip(".")
+    where = ctx.command_path if ctx is not None else "lresnet"
+    return f"lresnet: error: {where}: {message}{hint}"
+
+
+def _environment_fault(err: OSError) -> str | None:
+    """The one-line message for an operating-system fault (disk full, no permission...), or None
+    when the OSError is not one (then it is a bug and keeps its traceback)."""
+    if err.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = err.filename if err.filename is not None else "(no file name)"
+    return f"lresnet: error: {where}: {err.strerror or err}"
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Run the CLI and exit: 0, 2 for bad input or a fault of the environment (one line on stderr),
+    130/143 when interrupted, 1 for a bug (its traceback under a one-line header)."""
     setup_logging(verbose=bool(os.environ.get("LRESNET_DEBUG")))
+    code = 1
     try:
-        app()
-    except InputError as err:
-        print(f"lresnet: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        with signals_raise_interrupted():
+            try:
+                code = typer.main.get_command(app).main(args=argv, prog_name="lresnet", standalone_mode=False)
+            except NoArgsIsHelpError as err:  # a bare command group: its help, as usage
+                err.show()
+                code = 2
+            except ClickException as err:
+                sys.stderr.write(usage_error_line(err) + "\n")
+                code = 2 if err.exit_code == 1 else err.exit_code
+            except ClickAbort:  # end of input at a prompt
+                sys.stderr.write("lresnet: interrupted\n")
+                code = 130
+    except Interrupted as err:
+        sys.stderr.write(f"lresnet: interrupted ({err})\n")
+        code = err.exit_code
     except KeyboardInterrupt:
-        print("lresnet: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.stderr.write("lresnet: interrupted\n")
+        code = 130
+    except InputError as err:
+        sys.stderr.write(f"lresnet: error: {err}\n")
+        code = 2
+    except OSError as err:
+        message = _environment_fault(err)
+        if message is None:
+            _report_bug()
+        else:
+            sys.stderr.write(message + "\n")
+            code = 2
+    except MemoryError:
+        sys.stderr.write("lresnet: error: out of memory (a smaller --batch-size, fewer --workers, or a smaller "
+                         "input may fit)\n")
+        code = 2
+    except Exception:
+        _report_bug()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report_bug() -> None:
+    sys.stderr.write("lresnet: this is a bug in lresnet; please report it with the traceback below\n")
+    traceback.print_exc()
+
+
+def main() -> None:
+    """Console-script entry point (see :func:`lresnet.tools.main`)."""
+    run()
 
 
 if __name__ == "__main__":

@@ -138,7 +138,10 @@ def train_app() -> typer.Typer:
 
 def train_cmd(ctx: typer.Context) -> None:
     """Train a backbone + margin head on shards (lresnet train --help lists every option)."""
-    typer.main.get_command(train_app()).main(list(ctx.args), prog_name="lresnet train")
+    code = typer.main.get_command(train_app()).main(list(ctx.args), prog_name="lresnet train",
+                                                    standalone_mode=False)
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
 
 
 def demo_cmd(

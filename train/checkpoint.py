@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lresnet.core.errors import InputError
+from lresnet.core.files import atomic_file, temp_path_for
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +73,13 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
             reason and, for a full disk, how much space it needed. Nothing at `path` changed.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
+        with atomic_file(path, "wb", fsync=True) as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as err:
         raise InputError(path, f"cannot write checkpoint: {err.strerror or err}{_space_note(err, path, obj)}; "
                                "the earlier checkpoints are intact") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -206,16 +200,14 @@ class CheckpointManager:
             best = self.best_metric()
             if best is None or metric > best:
                 self._link_best(path)
-                best_json = self.run_dir / "best.json"
-                tmp = best_json.with_name(f".best.json.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps({"step": step, "metric": metric}) + "\n", encoding="utf-8")
-                os.replace(tmp, best_json)
+                with atomic_file(self.run_dir / "best.json", "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"step": step, "metric": metric}) + "\n")
                 log.info("new best verification accuracy %.4f at step %d", metric, step)
         self._prune()
         return path
 
     def _link_best(self, path: Path) -> None:
-        tmp = self.best_path.with_name(f".best.pt.tmp-{os.getpid()}")
+        tmp = temp_path_for(self.best_path)
         if tmp.exists():
             tmp.unlink()
         try:

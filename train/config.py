@@ -15,13 +15,13 @@ computed where they are used. The resolved config is saved beside each run as ``
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from lresnet.core.device import AMP_DTYPES, DEVICE_KINDS
 from lresnet.core.errors import InputError
+from lresnet.core.files import atomic_file, make_out_dir
 from lresnet.core.schema import Section, at_least, between, build, greater, merge, option, to_plain
 from lresnet.model.config import HeadConfig, ModelConfig
 from lresnet.pipeline.config import PipelineConfig
@@ -284,9 +284,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, run_dir: Union[str, Path]) -> Path:
     """Write the resolved config to ``RUN_DIR/config.json`` (atomically) and return the path."""
-    path = Path(run_dir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = make_out_dir(run_dir) / "config.json"
+    with atomic_file(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
     return path

@@ -2,7 +2,7 @@
 
 The first signal only sets a flag; the loop reads it at its next log interval, where the ranks
 agree (a stop asked by any rank stops all of them at the same step), write one checkpoint and
-end. A second signal stops at once: SIGINT raises KeyboardInterrupt, SIGTERM exits with 143.
+end. A second signal stops at once (:class:`~lresnet.core.interrupt.Interrupted`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from lresnet.core.interrupt import STOP_SIGNALS, Interrupted, owner_only
+
 log = logging.getLogger(__name__)
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 class StopRequest:
     """A flag set by a stop signal (or by :meth:`request`), agreed on by every rank."""
@@ -36,9 +35,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:  # the second signal: stop now
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
+            raise Interrupted(signum)
         self.signum = signum
         log.warning("%s received: finishing the step, writing a checkpoint at the next log interval "
                     "(send it again to stop at once)", signal.Signals(signum).name)
@@ -62,7 +59,7 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield stop
             return
-        previous = {s: signal.signal(s, stop._handle) for s in SIGNALS}
+        previous = {s: signal.signal(s, owner_only(stop._handle)) for s in STOP_SIGNALS}
         try:
             yield stop
         finally:

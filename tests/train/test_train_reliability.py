@@ -55,10 +55,12 @@ def test_a_stop_signal_checkpoints_and_the_rerun_is_bit_identical(tiny_config, t
 
 
 def test_a_second_signal_stops_at_once(tiny_config, tmp_path):
-    with pytest.raises(SystemExit) as err:
+    from lresnet.core.interrupt import Interrupted
+
+    with pytest.raises(Interrupted) as err:
         train(tiny_config(schedule={"max_steps": 12}), progress=_signal_at(3, signal.SIGTERM, signal.SIGTERM))
-    assert err.value.code == 128 + signal.SIGTERM
-    with pytest.raises(KeyboardInterrupt):
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    with pytest.raises(Interrupted, match="SIGINT"):
         train(tiny_config(schedule={"max_steps": 12}, checkpoint={"resume": False}, out=str(tmp_path / "second")),
               progress=_signal_at(3, signal.SIGINT, signal.SIGINT))
 
