@@ -79,9 +79,22 @@ def read_manifest(path_or_dir: PathLike) -> Dict[str, Any]:
     for key in ("num_samples", "num_classes", "image_size"):
         if key not in data:
             raise InputError(path, f"missing field {key!r}")
+    for i, shard in enumerate(shards):
+        if not is_plain_name(shard["name"]):
+            raise InputError(path, f"shard name {shard['name']!r} is not a plain file name "
+                             "(shards are read from the manifest's own folder)", where=f"shards[{i}]")
+    classes = data["num_classes"]
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise InputError(path, f"num_classes is {classes!r}, expected an integer >= 1")
     if sum(s["count"] for s in shards) != data["num_samples"]:
         raise InputError(path, "num_samples differs from the sum of the shard counts")
     return data
+
+
+def is_plain_name(name: Any) -> bool:
+    """True for a file name with no folder part: not empty, not ``.``/``..``, no slash or NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and os.path.basename(name) == name)
 
 
 def _load_json(path: Path) -> Dict[str, Any]:

@@ -56,3 +56,32 @@ def test_describe_difference_names_each_setting():
     old = {"seed": 0, "shuffle": True, "shard_size": 10, "key_digits": 9, "source": {"rec_bytes": 1}}
     new = dict(old, seed=1, source={"rec_bytes": 2})
     assert describe_difference(old, new) == "seed 0 -> 1, source.rec_bytes 1 -> 2"
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "sub/train-000000.tar", "/abs/train-000000.tar", "..", ".", "",
+                                  "a\\b.tar", 7])
+def test_refuses_shard_names_that_are_not_plain_file_names(tmp_path, name):
+    shards = [dict(GOOD["shards"][0]), GOOD["shards"][1]]
+    shards[0]["name"] = name
+    path = _write(tmp_path, dict(GOOD, shards=shards))
+    with pytest.raises(InputError) as err:
+        read_manifest(tmp_path)
+    assert str(err.value).startswith(f"{path}: shards[0]: shard name {name!r} is not a plain file name")
+
+
+@pytest.mark.parametrize("classes", [-5, 0, 2.5, "3", True, None])
+def test_refuses_a_class_count_below_one_or_not_an_integer(tmp_path, classes):
+    path = _write(tmp_path, dict(GOOD, num_classes=classes))
+    with pytest.raises(InputError, match=rf"num_classes is {classes!r}, expected an integer >= 1") as err:
+        read_manifest(tmp_path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_training_source_with_an_escaping_shard_name_is_refused(tmp_path):
+    from lresnet.pipeline import resolve_source
+
+    shards = [dict(GOOD["shards"][0], name="../../etc/passwd"), GOOD["shards"][1]]
+    path = _write(tmp_path, dict(GOOD, shards=shards))
+    with pytest.raises(InputError, match="not a plain file name") as err:
+        resolve_source(tmp_path)
+    assert str(err.value).startswith(str(path))
