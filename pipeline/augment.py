@@ -105,7 +105,8 @@ class GaussianBlur(Augmentation):
     def apply(self, image: np.ndarray, u: Sequence[float], i: int) -> np.ndarray:
         if u[i] >= self.p:
             return image
-        radius = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[i + 1]
+        # a Python float: u is a numpy row, and Pillow (13) takes a numpy scalar radius for a sequence
+        radius = float(self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[i + 1])
         return np.array(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
 
 

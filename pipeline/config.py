@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from lresnet.core.errors import InputError
 from lresnet.core.schema import Section, at_least, greater, option
+
+LOADERS = ("native", "dali")
 
 
 def decoder_names() -> tuple[str, ...]:
@@ -41,7 +44,10 @@ class PipelineConfig(Section):
                           check=at_least(0))
     shuffle_buffer: int = option(2000, help="Samples in each worker's shuffle buffer (0 or 1 = no shuffle).",
                                  check=at_least(0))
-    decoder: str = option("simplejpeg", help="JPEG decoder.", choices=decoder_names)
+    loader: str = option("native", help="Input pipeline: lresnet's own (native), or an NVIDIA DALI pipeline over "
+                         "the same shards and .idx files (dali; pip install 'lresnet[dali]').", choices=LOADERS)
+    decoder: str = option("simplejpeg", help="JPEG decoder of the native loader; nvjpeg decodes each batch on the "
+                          "GPU (torchvision), the workers only read and batch the JPEG bytes.", choices=decoder_names)
     flip: bool = option(True, help="Random horizontal flip (p = 0.5).")
     augment: tuple[str, ...] = option((), help="Extra augmentations, comma-separated (default none).",
                                       choices=augmentation_names, metavar="NAMES")
@@ -52,3 +58,17 @@ class PipelineConfig(Section):
                                         "available).")
     synthetic_classes: int = option(1000, help="Classes of --shards synthetic (in-memory batches, no I/O).",
                                     check=greater(1))
+    pipe_timeout: float = option(600.0, help="Seconds a 'pipe:' shard command may send nothing before training "
+                                 "stops with an error naming it.", check=greater(0))
+
+    def check(self) -> None:
+        """The device decoder applies only the flip (the other augmentations run on the CPU).
+
+        (The DALI loader's own limits are checked when it is built, lresnet.pipeline.dali: they
+        depend on what that loader does, not on this section.)
+        """
+        from lresnet.pipeline.decoders import DEVICE_DECODERS
+
+        if self.augment and self.decoder in DEVICE_DECODERS:
+            raise InputError("augment", f"got {list(self.augment)}, expected none with --decoder {self.decoder} "
+                             "(it applies only the flip)")

@@ -3,6 +3,11 @@
 Each decoder is a picklable callable `bytes -> np.ndarray[H, W, 3] uint8`, so DataLoader
 workers can receive it; anything that holds a native handle creates it lazily in the worker.
 A decoder may also have `into(data, out, mirror)`, decoding straight into a batch slot (simplejpeg).
+A decoder raises :class:`SampleError` for bytes it cannot decode (its library's own error types,
+caught there and only there); any other exception is a bug and is left to surface.
+
+`nvjpeg` is not decoded here: its workers only batch the encoded bytes, and the training process
+decodes them on the device (lresnet.pipeline.gpudecode).
 """
 
 from __future__ import annotations
@@ -14,14 +19,25 @@ import numpy as np
 import simplejpeg
 import torch
 
+from lresnet.core.errors import InputError
+
 
 Decoder = Callable[[bytes], np.ndarray]
-DECODERS = ("simplejpeg", "turbojpeg", "pillow")
+DECODERS = ("simplejpeg", "turbojpeg", "pillow", "nvjpeg")
+DEVICE_DECODERS = ("nvjpeg",)  # decoded in the training process, on the device
 
 
-def _check_shape(shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    if shape != expected:
-        raise ValueError(f"image is {'x'.join(map(str, shape))}, expected {'x'.join(map(str, expected))}")
+class SampleError(ValueError):
+    """One sample's data is unusable: not a decodable image, the wrong size, a missing member, a bad label.
+
+    Data, never a bug: the decode stage counts and skips exactly these (or, strict, reports them).
+    """
+
+
+def check_shape(shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """Raise SampleError when a decoded image's shape is not `expected`."""
+    if tuple(shape) != tuple(expected):
+        raise SampleError(f"image is {'x'.join(map(str, shape))}, expected {'x'.join(map(str, expected))}")
 
 
 class _Scratch:
@@ -64,13 +80,16 @@ class SimpleJpegDecoder:
         return {"_scratch": None}
 
     def __call__(self, data: bytes) -> np.ndarray:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError as err:  # simplejpeg's error for data libjpeg-turbo cannot decode
+            raise SampleError(str(err)) from None
 
     def into(self, data: bytes, out: np.ndarray, mirror: bool = False) -> None:
         """Decode into `out` (uint8 [H, W, 3], C-contiguous), mirrored left-right when `mirror`.
 
         Raises:
-            ValueError: not a JPEG, or not of out's size (the message says which size it is).
+            SampleError: not a JPEG, or not of out's size (the message says which size it is).
         """
         scratch = self._scratch
         if scratch is None or scratch.image.shape != out.shape:
@@ -78,13 +97,12 @@ class SimpleJpegDecoder:
         try:
             image = simplejpeg.decode_jpeg(data, colorspace="BGR" if mirror else "RGB", buffer=scratch.image)
         except ValueError as err:
-            if "too small" not in str(err):
-                raise
-            height, width = simplejpeg.decode_jpeg_header(data)[:2]  # a larger image: say which size
-            _check_shape((height, width, 3), out.shape)
-            raise
+            if "too small" in str(err):  # a larger image: say which size
+                height, width = simplejpeg.decode_jpeg_header(data)[:2]
+                check_shape((height, width, 3), out.shape)
+            raise SampleError(str(err)) from None
         if image.shape != out.shape:
-            _check_shape(image.shape, out.shape)
+            check_shape(image.shape, out.shape)
         if mirror:
             scratch.copy_rows_reversed(out)
         else:
@@ -98,8 +116,11 @@ def decode_pillow(data: bytes) -> np.ndarray:
     """Decode with Pillow (slowest; always available)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # Pillow's errors for bad data
+        raise SampleError(str(err) or type(err).__name__) from None
 
 
 class TurboJpegDecoder:
@@ -117,7 +138,10 @@ class TurboJpegDecoder:
 
             self._handle = TurboJPEG()
             self._format = TJPF_RGB
-        return self._handle.decode(data, pixel_format=self._format)
+        try:
+            return self._handle.decode(data, pixel_format=self._format)
+        except OSError as err:  # PyTurboJPEG's error for data libturbojpeg cannot decode
+            raise SampleError(str(err)) from None
 
 
 def turbojpeg_available() -> bool:
@@ -141,10 +165,11 @@ def available_decoders() -> list[str]:
 
 
 def get_decoder(name: str) -> Decoder:
-    """The decoder called `name` (one of DECODERS).
+    """The decoder called `name` (one of DECODERS, but not a device decoder such as nvjpeg).
 
     Raises:
-        ValueError: unknown name, or turbojpeg asked for but not installed with its library.
+        InputError: turbojpeg asked for but not installed with its library.
+        ValueError: an unknown name, or a device decoder (it decodes whole batches, not samples).
     """
     if name == "simplejpeg":
         return decode_simplejpeg
@@ -152,7 +177,9 @@ def get_decoder(name: str) -> Decoder:
         return decode_pillow
     if name == "turbojpeg":
         if not turbojpeg_available():
-            raise ValueError("decoder 'turbojpeg' needs PyTurboJPEG and the system libturbojpeg; "
-                             "use decoder='simplejpeg'")
+            raise InputError("--decoder", "turbojpeg needs PyTurboJPEG and the system libturbojpeg "
+                             "(pip install 'lresnet[turbojpeg]'); use --decoder simplejpeg")
         return TurboJpegDecoder()
+    if name in DEVICE_DECODERS:
+        raise ValueError(f"decoder {name!r} decodes whole batches on the device (lresnet.pipeline.gpudecode)")
     raise ValueError(f"unknown decoder {name!r}, expected one of {', '.join(DECODERS)}")

@@ -1,4 +1,9 @@
-"""The device stage: uint8 NHWC batches to normalised float/bf16 NCHW (channels_last) on the device."""
+"""The device stage: host batches to normalised float/bf16 NCHW (channels_last) batches on the device.
+
+A host batch is one of: uint8 NHWC images (the CPU decoders: normalised here), a stages.EncodedBatch
+(`--decoder nvjpeg`: decoded and flipped on the device by lresnet.pipeline.gpudecode, then normalised
+here) or float NCHW images already normalised (the DALI loader: only cast and laid out here).
+"""
 
 from __future__ import annotations
 
@@ -31,12 +36,13 @@ def normalize_batch(images: torch.Tensor, device: Device = "cpu", dtype: torch.d
 class DevicePrefetcher:
     """Iterate `(images, labels)` already normalised on `device`, the next batch copied while this one is used.
 
-    On CUDA the copy and normalisation of batch i+1 run on a side stream while the caller's step on
+    `batches` yields host batches of any kind the module docstring names (uint8 NHWC, encoded JPEGs,
+    or already normalised float NCHW). On CUDA the copy and normalisation of batch i+1 run on a side stream while the caller's step on
     batch i runs; elsewhere the next batch is simply prepared one step ahead. `state_dict()` forwards
     the wrapped loader's state minus the batch held ahead, so a checkpoint resumes at the right step.
     """
 
-    def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: Device,
+    def __init__(self, batches: Iterable[tuple[Any, torch.Tensor]], device: Device,
                  dtype: torch.dtype = torch.float32, channels_last: bool = True):
         self.batches = batches
         self.device = torch.device(device)
@@ -47,14 +53,24 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
-    def _load(self, item: tuple[torch.Tensor, torch.Tensor], stream: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, item: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = item
+        if not isinstance(images, torch.Tensor):  # encoded JPEGs (nvjpeg): decode on the device first
+            from lresnet.pipeline.gpudecode import decode_encoded
+
+            images, labels = decode_encoded(images, labels, self.device)
+        if images.is_floating_point():  # already normalised NCHW (DALI)
+            x = images.to(self.device, self.dtype, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        else:
+            x = normalize_batch(images, self.device, self.dtype, self.channels_last)
+        return x, labels.to(self.device, non_blocking=True)
+
+    def _load(self, item: tuple[Any, torch.Tensor], stream: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if stream is None:
-            return (normalize_batch(images, self.device, self.dtype, self.channels_last),
-                    labels.to(self.device, non_blocking=True))
+            return self._prepare(item)
         with torch.cuda.stream(stream):
-            return (normalize_batch(images, self.device, self.dtype, self.channels_last),
-                    labels.to(self.device, non_blocking=True))
+            return self._prepare(item)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -14,16 +15,19 @@ from lresnet.core.errors import InputError
 from lresnet.pipeline import stages
 from lresnet.pipeline.augment import build_augmentations, random_width
 from lresnet.pipeline.config import PipelineConfig
-from lresnet.pipeline.decoders import get_decoder
+from lresnet.pipeline.decoders import DEVICE_DECODERS, get_decoder
 from lresnet.pipeline.plan import batches_per_rank, worker_plan
 from lresnet.pipeline.shards import ShardSet, Source, resolve_source
 from lresnet.pipeline.stages import Fault
+from lresnet.pipeline.workers import guard_workers
 from lresnet.pipeline.world import World
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 MAX_KEPT_FAULTS = 1000
+WARN_EACH = 10  # the first bad inputs are logged one by one...
+WARN_EVERY = 1000  # ...then one summary line per this many (and one at the end of an epoch)
 
 
 def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, seed: int, epoch: int, role: int,
@@ -32,19 +36,23 @@ def train_pipeline(shards: ShardSet, config: PipelineConfig, world: World, seed:
     """The pipeline, read top to bottom: split -> source -> shuffle -> batch -> decode + augment.
 
     Yields this worker role's batches of the epoch (after the first `start_batch` batches of the
-    rank, which a resumed run has already consumed) as `(images, labels, faults)`.
+    rank, which a resumed run has already consumed) as `(images, labels, faults)`; with a device
+    decoder (nvjpeg) `images` is a stages.EncodedBatch, decoded later in the training process.
     """
     image_size = shards.image_size or (112, 112)
     seeds = (seed, epoch, world.rank, role, roles)
     augmentations = build_augmentations(config.flip, config.augment)
     faults: list[Fault] = []
+    opener = functools.partial(stages.open_shard, timeout=config.pipe_timeout)
 
     plan = worker_plan(shards.counts, config.batch_size, world, seed, epoch, role, roles, start_batch)  # split
-    samples = stages.read_shards(plan.segments, shards.urls, faults, strict=config.strict)  # source
+    samples = stages.read_shards(plan.segments, shards.urls, faults, strict=config.strict, opener=opener)  # source
     samples = stages.shuffle(samples, config.shuffle_buffer, seeds + (1,))
     samples = stages.skip(samples, plan.skip_batches * config.batch_size)  # resume: drop before decoding
     batches = stages.batch(samples, config.batch_size, plan.num_batches - plan.skip_batches)
     batches = stages.attach_random(batches, random_width(augmentations), seeds + (2,), first=plan.skip_batches)
+    if config.decoder in DEVICE_DECODERS:  # bytes only: the training process decodes on the device
+        return stages.encode(batches, augmentations, image_size, shards.num_classes, faults, strict=config.strict)
     return stages.decode(batches, get_decoder(config.decoder), augmentations, image_size,  # decode + augment
                          shards.num_classes, faults, strict=config.strict, ring=config.prefetch_factor + 2 if shared else 0)
 
@@ -74,13 +82,17 @@ def _send_from_ring(batches: Iterator[tuple], worker: int) -> Iterator[tuple]:
     Sending a shared-memory tensor costs a file-descriptor transfer over a socket in the worker and
     an mmap plus page faults in the main process, ~9 us per image in all; after the first round the
     main process already holds every buffer of the ring (TrainLoader keeps them by `slot`), so a batch
-    is sent as its slot alone. The DataLoader re-raises a worker's exception as RuntimeError(traceback
-    text) when it cannot be rebuilt from one string, as InputError cannot: its parts are sent instead,
-    as `(None, None, (path, message, where), None)`.
+    is sent as its slot alone. Encoded batches (a device decoder) are fresh objects, sent whole with
+    no slot. The DataLoader re-raises a worker's exception as RuntimeError(traceback text) when it
+    cannot be rebuilt from one string, as InputError cannot: its parts are sent instead, as
+    `(None, None, (path, message, where), None)`.
     """
     sent: set[int] = set()
     try:
         for images, labels, faults in batches:
+            if isinstance(images, stages.EncodedBatch):
+                yield images, labels, faults, None
+                continue
             slot = (worker, images.data_ptr())
             if slot[1] in sent:
                 yield None, None, faults, slot
@@ -103,6 +115,11 @@ class LoaderStats:
         return {"corrupt_samples": self.corrupt_samples, "truncated_shards": self.truncated_shards,
                 "faults": [str(f) for f in self.faults]}
 
+    @property
+    def total(self) -> int:
+        """Bad samples and damaged shards met so far."""
+        return self.corrupt_samples + self.truncated_shards
+
 
 class TrainLoader:
     """Per-rank batches of one training source; create with `build_train_loader`.
@@ -121,6 +138,7 @@ class TrainLoader:
         self._position = 0
         self._len = batches_per_rank(shards.counts, config.batch_size, world.world_size)
         self._pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        self._warned = 0  # faults logged (one by one or in a summary)
 
     def __len__(self) -> int:
         return self._len
@@ -176,6 +194,7 @@ class TrainLoader:
         self._position = position
 
     def _record(self, faults: list[Fault]) -> None:
+        """Count bad input; log the first WARN_EACH faults one by one, then one line per WARN_EVERY."""
         for fault in faults:
             if fault.kind == "corrupt":
                 self.stats.corrupt_samples += 1
@@ -183,7 +202,22 @@ class TrainLoader:
                 self.stats.truncated_shards += 1
             if len(self.stats.faults) < MAX_KEPT_FAULTS:
                 self.stats.faults.append(fault)
-            logger.warning("skipped bad input: %s", fault)
+            seen = self.stats.total
+            if seen <= WARN_EACH:
+                logger.warning("skipped bad input: %s", fault)
+                self._warned = seen
+                if seen == WARN_EACH:
+                    logger.warning("%d bad inputs so far: further ones are summarised every %d", seen, WARN_EVERY)
+            elif seen % WARN_EVERY == 0:
+                self._summarise(fault)
+
+    def _summarise(self, latest: Optional[Fault] = None) -> None:
+        """One line for the faults not logged yet."""
+        stats = self.stats
+        logger.warning("skipped bad input: %d so far (%d corrupt samples, %d damaged shards), %d since the last "
+                       "report%s", stats.total, stats.corrupt_samples, stats.truncated_shards, stats.total - self._warned,
+                       f"; latest: {latest}" if latest is not None else "")
+        self._warned = stats.total
 
     def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
         """This epoch's `(images, labels, faults)` from `start`; from workers, still in their ring buffers."""
@@ -194,9 +228,12 @@ class TrainLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.config.workers, pin_memory=False,
                             prefetch_factor=self.config.prefetch_factor, persistent_workers=False)
         ring: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for images, labels, faults, slot in loader:
+        for images, labels, faults, slot in guard_workers(loader):
             if slot is None:
-                raise InputError(*faults)
+                if images is None:  # an InputError in the worker, sent as its parts
+                    raise InputError(*faults)
+                yield images, labels, faults  # an encoded batch: a fresh object, no ring slot
+                continue
             slot = tuple(slot)  # the DataLoader hands tuples on as lists
             if images is None:
                 images, labels = ring[slot]
@@ -204,12 +241,17 @@ class TrainLoader:
                 ring[slot] = images, labels
             yield images, labels, faults
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
         if self._position >= self._len:
             self._position = 0  # an iterator started at the end of an epoch runs it again
         for images, labels, faults in self._batches(self._position):
             if faults:
                 self._record(faults)
+            if isinstance(images, stages.EncodedBatch):  # decoded by DevicePrefetcher; it reports bad JPEGs here
+                images.report = self._record
+                self._position += 1
+                yield images, labels
+                continue
             if self._pin:
                 images, labels = images.pin_memory(), labels.pin_memory()
             elif self.config.workers > 0:
@@ -217,11 +259,17 @@ class TrainLoader:
                 images, labels = images.clone(), labels.clone()
             self._position += 1
             yield images, labels
+        if self.stats.total > self._warned:
+            self._summarise()
 
 
 def build_train_loader(source: Optional[Source], config: PipelineConfig, world: Optional[World] = None,
-                       manifest: Optional[Union[str, "os.PathLike[str]"]] = None, seed: int = 0) -> TrainLoader:
-    """A TrainLoader over `source` (shard dir, manifest, brace pattern, shard list or `pipe:` URLs).
+                       manifest: Optional[Union[str, "os.PathLike[str]"]] = None, seed: int = 0,
+                       device: Optional[Union[str, torch.device]] = None) -> Any:
+    """The per-rank loader over `source` (shard dir, manifest, brace pattern, shard list or `pipe:` URLs).
+
+    A TrainLoader, or with ``config.loader == "dali"`` a lresnet.pipeline.dali.DaliLoader: both yield
+    `len()` batches per epoch on every rank and resume inside an epoch.
 
     Args:
         source: the shards; None = ``config.shards``.
@@ -230,12 +278,25 @@ def build_train_loader(source: Optional[Source], config: PipelineConfig, world: 
         manifest: sample counts for a list of remote (`pipe:`) shards, matched by file name;
             None = ``config.manifest`` when set.
         seed: the run's seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker).
+        device: the training device, when known: `--decoder nvjpeg` needs CUDA, DALI decodes there.
     Raises:
-        InputError: the source cannot be resolved, or yields no batch for this world and batch size.
+        InputError: the source cannot be resolved, or yields no batch for this world and batch size;
+            the decoder or loader asked for cannot run here (a missing library, not a CUDA device).
     """
     world = world or World()
+    if config.decoder in DEVICE_DECODERS and config.loader == "native":
+        from lresnet.pipeline.gpudecode import require_nvjpeg
+
+        require_nvjpeg(device)
+    elif config.loader == "native":
+        get_decoder(config.decoder)  # a missing library is one line here, not a traceback in a worker
     shards = resolve_source(config.shards if source is None else source, manifest or config.manifest or None)
-    loader = TrainLoader(shards, config, world, seed)
+    if config.loader == "dali":
+        from lresnet.pipeline.dali import DaliLoader
+
+        loader: Any = DaliLoader(shards, config, world, seed, device=device)
+    else:
+        loader = TrainLoader(shards, config, world, seed)
     if len(loader) == 0:
         raise InputError(shards.urls[0] if len(shards.urls) == 1 else None,
                          f"{shards.num_samples} samples give no batch of {config.batch_size} "

@@ -23,6 +23,8 @@ import torch
 from lresnet.convert.shards import TarReadError, read_samples
 from lresnet.core.errors import InputError
 from lresnet.pipeline.augment import Augmentation, HorizontalFlip
+from lresnet.pipeline.decoders import SampleError, check_shape
+from lresnet.pipeline.pipes import open_pipe
 from lresnet.pipeline.plan import Segment
 
 
@@ -43,10 +45,49 @@ class Fault:
         return f"{self.shard}:{where}: {self.kind}: {self.message}"
 
 
-def open_shard(url: str, bufsize: int = 1 << 20) -> BinaryIO:
-    """Open a shard for reading: a local path directly; `pipe:` and URLs through webdataset's gopen."""
+def bad_sample(shard: str, key: Optional[str], err: SampleError, faults: list, strict: bool) -> None:
+    """Book one unusable sample: a "corrupt" fault, or under `strict` an InputError naming shard and key."""
+    if strict:
+        raise InputError(shard, f"corrupt sample: {err}", where=f"key {key}") from err
+    faults.append(Fault("corrupt", shard, key, str(err) or type(err).__name__))
+
+
+def sample_label(sample: Sample, num_classes: Optional[int]) -> int:
+    """The class id of a sample's `cls` member.
+
+    Raises:
+        SampleError: no `cls` member, not a decimal integer, or outside [0, num_classes).
+    """
+    raw = sample.get("cls")
+    if raw is None:
+        raise SampleError("sample has no 'cls' member")
+    try:
+        label = int(raw)
+    except ValueError:
+        raise SampleError(f"class member is {bytes(raw[:24])!r}, expected a decimal integer") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise SampleError(f"class {label} out of range [0, {num_classes})")
+    return label
+
+
+def sample_jpeg(sample: Sample) -> bytes:
+    """The encoded image of a sample. Raises: SampleError: it has no `jpg` member."""
+    data = sample.get("jpg")
+    if data is None:
+        raise SampleError("sample has no 'jpg' member")
+    return data
+
+
+PIPE_TIMEOUT = 600.0  # seconds a `pipe:` command may send nothing (PipelineConfig.pipe_timeout)
+
+
+def open_shard(url: str, bufsize: int = 1 << 20, timeout: float = PIPE_TIMEOUT) -> BinaryIO:
+    """Open a shard for reading: a local path directly; `pipe:COMMAND` as the command's output, each
+    read waiting at most `timeout` seconds (lresnet.pipeline.pipes); other URLs through webdataset's gopen."""
     if url.startswith("file:"):
         url = url[5:]
+    if url.startswith("pipe:") and not os.path.exists(url):
+        return open_pipe(url[5:], timeout, url, bufsize)
     if ":" in url.split("/", 1)[0] and not os.path.exists(url):
         from webdataset.gopen import gopen
 
@@ -193,11 +234,12 @@ def decode(batches: Iterable[tuple[list, Optional[np.ndarray]]], decoder: Callab
     flip (when it is the only augmentation) done in that same copy: no array per image, no second
     copy. Otherwise the image is decoded, augmented (`apply_augmentations`) and copied into its slot.
 
-    A sample that does not decode, has the wrong size or a bad label is a fault: it is counted and
-    its slot kept (the batch shape never changes, so DDP collectives stay in step), with label -1,
-    which the margin heads ignore, and a copy of a good image of the batch so normalisation
-    statistics are not skewed; so are empty slots (None). Strict: InputError naming shard and key.
-    `faults` (also filled by the source) is emptied into each batch.
+    A sample that does not decode, has the wrong size, a missing member or a bad label (a
+    SampleError, nothing else: any other exception is a bug and propagates) is a fault: it is
+    counted and its slot kept (the batch shape never changes, so DDP collectives stay in step),
+    with label -1, which the margin heads ignore, and a copy of a good image of the batch so
+    normalisation statistics are not skewed; so are empty slots (None). Strict: InputError naming
+    shard and key. `faults` (also filled by the source) is emptied into each batch.
 
     With `ring` > 0 (in DataLoader workers) batches are written into `ring` shared-memory buffers used
     in turn: no fresh shared memory (page faults, ~15 us per image) and no copy when sending. The
@@ -226,26 +268,19 @@ def decode(batches: Iterable[tuple[list, Optional[np.ndarray]]], decoder: Callab
                 label_list.append(-1)
                 continue
             try:
+                label = sample_label(sample, num_classes)
                 if direct:
-                    into(sample["jpg"], view[slot], mirror[slot])
+                    into(sample_jpeg(sample), view[slot], mirror[slot])
                 else:
-                    image = decoder(sample["jpg"])
-                    if image.shape != shape[1:]:
-                        raise ValueError(f"image is {'x'.join(map(str, image.shape))}, "
-                                         f"expected {'x'.join(map(str, shape[1:]))}")
-                    view[slot] = apply_augmentations(image, augmentations, rand[slot]) if augmentations else image
-                label = int(sample["cls"])
-                if label < 0 or (num_classes is not None and label >= num_classes):
-                    raise ValueError(f"class {label} out of range [0, {num_classes})")
-            except Exception as err:  # any decoder failure on one sample is a data fault, not a crash
-                if isinstance(err, KeyError):
-                    err = ValueError(f"sample has no {err.args[0]!r} member")
-                if strict:
-                    raise InputError(sample["__url__"], f"corrupt sample: {err}",
-                                     where=f"key {sample['__key__']}") from err
-                faults.append(Fault("corrupt", sample["__url__"], sample["__key__"], str(err) or type(err).__name__))
+                    image = decoder(sample_jpeg(sample))
+                    check_shape(image.shape, shape[1:])
+            except SampleError as err:
+                bad_sample(sample["__url__"], sample["__key__"], err, faults, strict)
                 holes.append(slot)
-                label = -1
+                label_list.append(-1)
+                continue
+            if not direct:
+                view[slot] = apply_augmentations(image, augmentations, rand[slot]) if augmentations else image
             label_list.append(label)
         labels.numpy()[:] = label_list
         if holes:
@@ -254,3 +289,63 @@ def decode(batches: Iterable[tuple[list, Optional[np.ndarray]]], decoder: Callab
                 view[slot] = 0 if good is None else view[good]
         handed, faults[:] = list(faults), []
         yield images, labels, handed
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of still-encoded JPEGs for a device decoder (nvjpeg): the bytes of each slot, one after
+    another, in `data`; `lengths[i]` bytes for slot i (0: an empty or bad slot, label already -1);
+    `mirror[i]` whether slot i is flipped. `shards`/`keys` name each slot's sample for fault reports.
+
+    Made in a worker (stage `encode`), decoded in the training process (lresnet.pipeline.gpudecode),
+    which books the samples that do not decode through `report` (set by the loader) or, strict,
+    raises InputError.
+    """
+
+    data: torch.Tensor  # uint8 [total bytes]
+    lengths: list[int]
+    mirror: torch.Tensor  # bool [B]
+    shards: list[Optional[str]]
+    keys: list[Optional[str]]
+    image_size: tuple[int, int]
+    strict: bool = False
+    report: Optional[Callable[[list[Fault]], None]] = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def encode(batches: Iterable[tuple[list, Optional[np.ndarray]]], augmentations: Sequence[Augmentation],
+           image_size: tuple[int, int], num_classes: Optional[int], faults: list,
+           strict: bool = False) -> Iterator[tuple[EncodedBatch, torch.Tensor, list]]:
+    """For a device decoder: each batch as `(EncodedBatch, labels int64 [B], faults)`, nothing decoded.
+
+    The labels are parsed and the flips drawn here from the same uniforms as `decode` uses (so a
+    run is the same with either decoder, and resumes the same); `augmentations` may hold only the
+    flip. A sample without a `jpg` member or with a bad label is a fault here, as in `decode`.
+    """
+    if any(not isinstance(a, HorizontalFlip) for a in augmentations):
+        raise ValueError("a device decoder applies only the flip, got "
+                         f"{[type(a).__name__ for a in augmentations]}")
+    flip = augmentations[0] if augmentations else None
+    for group, rand in batches:
+        payloads, label_list, shards, keys = [], [], [], []
+        for sample in group:
+            data, label = b"", -1
+            if sample is not None:
+                try:
+                    label = sample_label(sample, num_classes)
+                    data = sample_jpeg(sample)
+                except SampleError as err:
+                    bad_sample(sample["__url__"], sample["__key__"], err, faults, strict)
+                    data, label = b"", -1
+            payloads.append(data)
+            label_list.append(label)
+            shards.append(None if sample is None else sample["__url__"])
+            keys.append(None if sample is None else sample["__key__"])
+        mirror = torch.from_numpy(rand[:, 0] < flip.p) if flip is not None else torch.zeros(len(group), dtype=torch.bool)
+        data = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8) if any(payloads) \
+            else torch.empty(0, dtype=torch.uint8)
+        encoded = EncodedBatch(data, [len(p) for p in payloads], mirror, shards, keys, tuple(image_size), strict)
+        handed, faults[:] = list(faults), []
+        yield encoded, torch.tensor(label_list, dtype=torch.int64), handed

@@ -50,6 +50,29 @@ def _corrupt_one_jpeg(shard: Path) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def _corrupt_jpegs(shard: Path, count: int) -> dict[str, int]:
+    """Overwrite the first `count` JPEGs of a shard with garbage; returns {key: its class}."""
+    members = read_members(shard)
+    keys = [n.rsplit(".", 1)[0] for n, _ in members if n.endswith(".jpg")][:count]
+    classes = {n.rsplit(".", 1)[0]: int(d) for n, d in members if n.endswith(".cls")}
+    bad = {k + ".jpg" for k in keys}
+    write_tar(shard, [(n, d[:200] + b"\0" * 300 if n in bad else d) for n, d in members])
+    return {k: classes[k] for k in keys}
+
+
+@pytest.fixture
+def corrupted_copy(tmp_path, synth_shards):
+    """`corrupted_copy(count)` -> (copy of the shard set, {key: class} of its `count` garbled JPEGs),
+    all in train-000002.tar (37 samples)."""
+
+    def make(count: int):
+        dst = tmp_path / f"corrupted-{count}"
+        shutil.copytree(synth_shards, dst)
+        return dst, _corrupt_jpegs(dst / "train" / "train-000002.tar", count)
+
+    return make
+
+
 def _truncate(shard: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: 512 * 21 + 100])  # inside the 6th sample
 

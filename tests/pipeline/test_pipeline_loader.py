@@ -241,3 +241,125 @@ def test_batches_are_pinned_for_cuda(synth_shards, workers):
     assert images.is_pinned() and labels.is_pinned()
     x, y = next(iter(DevicePrefetcher(loader, "cuda", dtype=torch.bfloat16)))
     assert x.is_cuda and x.shape == (8, 3, 112, 112) and y.is_cuda
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exactly_one_ignored_label_per_corrupt_sample(corrupted_copy, workers):
+    data, bad = corrupted_copy(3)
+    loader = _loader(data, _config(workers=workers), World())  # 240 = 30 x 8: every sample is used
+    labels = _labels(loader)
+    assert loader.stats.corrupt_samples == 3 == labels.count(-1)
+    assert sorted(f.key for f in loader.stats.faults) == sorted(bad)
+    assert sorted(lab for lab in labels if lab >= 0) == sorted(set(range(SAMPLES)) - set(bad.values()))
+
+
+def test_bad_input_warnings_are_rate_limited(corrupted_copy, caplog, monkeypatch):
+    from lresnet.pipeline import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "WARN_EVERY", 5)
+    data, _ = corrupted_copy(loader_module.WARN_EACH + 7)  # 17: 10 one by one, a summary at 15, one at the end
+    loader = _loader(data, _config(), World())
+    with caplog.at_level("WARNING", logger="lresnet.pipeline.loader"):
+        _labels(loader)
+    lines = [r.getMessage() for r in caplog.records]
+    assert loader.stats.corrupt_samples == 17
+    assert sum(line.startswith("skipped bad input: /") for line in lines) == 10  # one by one, shard first
+    assert sum("further ones are summarised every 5" in line for line in lines) == 1
+    summaries = [line for line in lines if line.startswith("skipped bad input: ") and "so far" in line]
+    assert [s.split(": ", 1)[1].split(" so far")[0] for s in summaries] == ["15", "17"]
+    assert "5 since the last report" in summaries[0] and "2 since the last report" in summaries[1]
+    assert len(lines) == 13
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_blur_augments_and_drops_nothing(synth_shards, workers):
+    plain = _loader(synth_shards, _config(workers=workers, flip=False), World())
+    blurred = _loader(synth_shards, _config(workers=workers, flip=False, augment=("blur",)), World())
+    a, b = list(plain), list(blurred)
+    assert blurred.stats.corrupt_samples == 0 and plain.stats.corrupt_samples == 0
+    assert [labels.tolist() for _, labels in a] == [labels.tolist() for _, labels in b]  # same samples, all kept
+    assert all(lab >= 0 for _, labels in b for lab in labels.tolist())
+    changed = sum(not torch.equal(x[i], y[i]) for (x, _), (y, _) in zip(a, b) for i in range(len(x)))
+    assert 0.1 * SAMPLES < changed < 0.3 * SAMPLES  # blur p = 0.2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_decoder_bug_surfaces_and_is_not_counted_as_corrupt(synth_shards, workers, monkeypatch):
+    from lresnet.pipeline.decoders import SimpleJpegDecoder
+
+    def broken(self, data, out, mirror=False):
+        raise TypeError("injected bug in the decoder")
+
+    monkeypatch.setattr(SimpleJpegDecoder, "into", broken)
+    loader = _loader(synth_shards, _config(workers=workers), World())
+    with pytest.raises(TypeError, match="injected bug in the decoder"):
+        _labels(loader)
+    assert loader.stats.corrupt_samples == 0 and loader.stats.faults == []
+
+
+def test_a_killed_worker_is_one_line_naming_it_and_how_to_resume(synth_shards):
+    import multiprocessing
+    import os
+    import signal
+
+    loader = _loader(synth_shards, _config(workers=2, prefetch_factor=1), World())
+    it = iter(loader)
+    next(it)
+    victim = multiprocessing.active_children()[0].pid
+    with pytest.raises(InputError) as err:
+        os.kill(victim, signal.SIGKILL)
+        for _ in it:  # torch notices at its SIGCHLD handler or at the next batch, whichever comes first
+            pass
+    message = str(err.value)
+    assert f"DataLoader worker (pid {victim}) was killed by SIGKILL" in message
+    assert "rerun the same command to resume from the last checkpoint" in message and "\n" not in message
+
+
+def test_worker_death_reads_torchs_message_when_the_process_is_gone():
+    from lresnet.pipeline.workers import worker_death
+
+    err = worker_death(RuntimeError("DataLoader worker (pid(s) 41, 42) exited unexpectedly"))
+    assert str(err).startswith("a DataLoader worker (pid 41, 42) exited unexpectedly; rerun the same command")
+    err = worker_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible..."))
+    assert "(pid 7) was killed by SIGBUS (out of shared memory" in str(err)
+    assert worker_death(RuntimeError("CUDA error: out of memory")) is None
+    assert worker_death(EOFError()) is None
+
+
+def test_a_hanging_pipe_command_times_out_naming_the_shard(synth_shards):
+    train = synth_shards / "train"
+    urls = [f"pipe:sleep 60; cat {train}/train-00000{i}.tar" for i in range(7)]
+    loader = _loader(urls, _config(pipe_timeout=0.3), World(), manifest=train / "manifest.json")
+    with pytest.raises(InputError) as err:
+        _labels(loader)
+    assert str(err.value).startswith("pipe:sleep 60; cat ")
+    assert "sent no data for 0.3 s (data.pipe_timeout)" in str(err.value)
+
+
+def test_a_pipe_command_that_stalls_midway_times_out_too(synth_shards, tmp_path):
+    train = synth_shards / "train"
+    urls = [f"pipe:cat {train}/train-00000{i}.tar" for i in range(7)]
+    urls[3] = f"pipe:sh -c 'head -c 20000 \"$0\"; sleep 60' {train}/train-000003.tar"  # 4 samples, then silence
+    loader = _loader(urls, _config(pipe_timeout=0.3, shuffle_buffer=0), World(), manifest=train / "manifest.json")
+    with pytest.raises(InputError, match="sleep 60' .*train-000003.tar: the pipe command sent no data for 0.3 s"):
+        for epoch in range(3):  # shard 3 is read within the epoch's first batches or a later epoch's
+            loader.set_epoch(epoch)
+            _labels(loader)
+
+
+def test_seed_changes_the_label_stream_and_the_same_seed_repeats_it(synth_shards):
+    config = _config(shuffle_buffer=0)  # without the shuffle buffer the order is the plan's alone
+    streams = {seed: _labels(build_train_loader(synth_shards, config, World(0, 2), seed=seed)) for seed in (1, 2)}
+    again = _labels(build_train_loader(synth_shards, config, World(0, 2), seed=1))
+    assert streams[1] == again
+    assert streams[1] != streams[2]
+    assert set(streams[1]) != set(streams[2])  # another shard order and offset: other samples on rank 0
+
+
+def test_turbojpeg_without_its_library_is_refused_when_the_loader_is_built(synth_shards):
+    from lresnet.pipeline.decoders import turbojpeg_available
+
+    if turbojpeg_available():
+        pytest.skip("PyTurboJPEG with its library is installed here")
+    with pytest.raises(InputError, match=r"^--decoder: turbojpeg needs PyTurboJPEG"):
+        _loader(synth_shards, _config(decoder="turbojpeg", workers=2), World())

@@ -90,3 +90,16 @@ def test_world_from_env_and_validation(monkeypatch):
     assert World.from_env() == World(0, 1)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
         World(2, 2)
+
+
+def test_the_seed_changes_the_plan_and_the_same_seed_repeats_it():
+    world = World(1, 3)
+    for epoch in range(3):
+        assert epoch_sequence(COUNTS, 7, epoch) == epoch_sequence(COUNTS, 7, epoch)
+        assert epoch_sequence(COUNTS, 7, epoch) != epoch_sequence(COUNTS, 8, epoch)
+        plans = {seed: [worker_plan(COUNTS, BATCH, world, seed, epoch, role, 2) for role in range(2)] for seed in (7, 8)}
+        assert plans[7] == [worker_plan(COUNTS, BATCH, world, 7, epoch, role, 2) for role in range(2)]
+        assert plans[7] != plans[8]
+        assert {x for p in plans[7] for x in _samples(p)} != {x for p in plans[8] for x in _samples(p)}
+    orders = {tuple(epoch_sequence(COUNTS, seed, 0)[0]) for seed in range(8)}
+    assert len(orders) > 4  # the shard order itself follows the seed, not only the offset

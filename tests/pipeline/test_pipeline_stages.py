@@ -8,7 +8,8 @@ import torch
 
 from lresnet.core.errors import InputError
 from lresnet.pipeline import stages
-from lresnet.pipeline.augment import HorizontalFlip, build_augmentations, random_width
+from lresnet.pipeline.augment import GaussianBlur, HorizontalFlip, build_augmentations, random_width
+from lresnet.pipeline.decoders import SampleError
 from lresnet.pipeline.shards import expand_braces
 
 
@@ -56,7 +57,7 @@ def test_skip_drops_the_first_samples():
 
 def _fake_decoder(data: bytes) -> np.ndarray:
     if data == b"bad":
-        raise ValueError("not a JPEG")
+        raise SampleError("not a JPEG")
     size = int(data)
     return np.full((size, size, 3), size, np.uint8)
 
@@ -78,6 +79,46 @@ def test_decode_counts_and_skips_bad_samples():
     assert handed[0] == "from the source" and faults == []
     assert [(f.kind, f.shard, f.key) for f in handed[1:]] == [("corrupt", "shard-7.tar", k) for k in "bcde"]
     assert "not a JPEG" in handed[1].message and "5x5x3" in handed[2].message and "out of range" in handed[3].message
+
+
+def test_decode_counts_a_missing_member_as_corrupt():
+    group = [{"__key__": "a", "__url__": "s.tar", "jpg": b"4", "cls": b"1"}, {"__key__": "b", "__url__": "s.tar", "cls": b"2"},
+             {"__key__": "c", "__url__": "s.tar", "jpg": b"4"}]
+    (_, labels, handed), = stages.decode([(group, None)], _fake_decoder, [], (4, 4), 5, [])
+    assert labels.tolist() == [1, -1, -1]
+    assert ["'jpg' member" in handed[0].message, "'cls' member" in handed[1].message] == [True, True]
+
+
+@pytest.mark.parametrize("bug", [TypeError("an argument of the wrong type"), ValueError("a numpy mistake"),
+                                 AttributeError("no such attribute")])
+def test_a_bug_in_the_decoder_is_raised_not_counted_as_corrupt(bug):
+    # only SampleError means bad data: anything else a decoder raises is a bug and must surface
+    def broken(data: bytes) -> np.ndarray:
+        raise bug
+
+    faults: list = []
+    with pytest.raises(type(bug), match=str(bug)):
+        list(stages.decode(_raw([("a", b"4", b"1")]), broken, [], (4, 4), 5, faults))
+    assert faults == []
+
+
+def test_a_bug_in_an_augmentation_is_raised_not_counted_as_corrupt():
+    class Broken(HorizontalFlip):
+        def apply(self, image, u, i):
+            raise ValueError("a bug in the augmentation")
+
+    with pytest.raises(ValueError, match="a bug in the augmentation"):
+        list(stages.decode(_raw([("a", b"4", b"1")], width=1), _fake_decoder, [Broken()], (4, 4), 5, []))
+
+
+def test_blur_takes_the_uniforms_as_drawn():
+    # the uniforms come as a numpy row: Pillow 13 refused a numpy scalar radius (a bug that was
+    # booked as ~20 % corrupt samples)
+    image = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    u = np.random.default_rng(2).random((4, 2))
+    u[:, 0] = 0.0  # blur every sample
+    out = [GaussianBlur().apply(image, row, 0) for row in u]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 and not np.array_equal(o, image) for o in out)
 
 
 def test_decode_of_a_batch_with_no_good_sample_is_zeros():
