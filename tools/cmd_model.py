@@ -86,32 +86,55 @@ def _detail_table(info) -> Table:
 
 def bench_model_command(
     name: str = typer.Argument(..., help="Backbone name (lresnet model-info lists them)."),
-    batch_size: int = typer.Option(8, min=1, help="Images per step."),
+    batch_size: Optional[list[str]] = typer.Option(None, "--batch-size", help="Images per step; repeat or "
+                                                   "separate with commas to measure several (default 8)."),
     dtype: DType = typer.Option(DType.fp32, help="Compute dtype (bf16 through autocast)."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last",
                                        help="Model and input in channels_last memory format."),
+    compile: bool = typer.Option(False, "--compile", help="Also measure the chosen setting with the backbone "
+                                                          "under torch.compile (its first step compiles)."),
+    compile_mode: str = typer.Option("default", help="torch.compile mode: default, reduce-overhead, "
+                                                     "max-autotune, max-autotune-no-cudagraphs."),
+    net_option: Optional[list[str]] = typer.Option(None, "--net-option", metavar="NAME=JSON",
+                                                   help="Extra backbone keyword (repeat), e.g. stem_channels=8."),
     steps: int = typer.Option(5, min=1, help="Measured steps per setting (median reported)."),
     warmup: int = typer.Option(1, min=0, help="Unmeasured steps per setting first."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or npu."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: torch's default). "
                                                "1 gives steadier numbers on a shared machine."),
+    matmul_size: int = typer.Option(0, min=0, help="Side of the bf16 matrix product MFU is measured against "
+                                                   "(0: 8192 on accelerators, 1024 on the CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Forward+backward images/s of a backbone: the chosen setting against fp32 contiguous NCHW."""
-    from lresnet.model.bench import bench_model, default_settings
+    """Forward+backward images/s of a backbone against fp32 contiguous NCHW, with model FLOPs utilisation."""
+    from lresnet.model.bench import bench_model, default_settings, parse_batch_sizes
+    from lresnet.tools.options import parse_pairs
 
-    report = bench_model(name, default_settings(dtype.value, channels_last), batch_size, steps, warmup,
-                         device, threads).as_dict()
+    settings = default_settings(dtype.value, channels_last, compile, compile_mode)
+    report = bench_model(name, settings, parse_batch_sizes(batch_size or ["8"]), steps, warmup, device, threads,
+                         options=parse_pairs(net_option or [], "--net-option"), matmul_size=matmul_size).as_dict()
     if as_json:
         print_json(report)
         return
-    table = Table(title=f"bench model {name}: forward+backward, batch {batch_size}, {device}, "
-                        f"{report['threads']} threads, median of {steps} steps")
-    for column in ("setting", "images/s", "ms/step", "vs baseline"):
+    out_console().print(bench_model_table(report))
+
+
+def bench_model_table(report: dict) -> Table:
+    """The table of a ``bench model`` JSON document (also shown by ``bench device``)."""
+    matmul = report["matmul"]
+    macs = report["macs_per_image"]
+    macs_text = f"{macs / 1e9:.3g} GMAC" if macs >= 1e8 else f"{macs / 1e6:.3g} MMAC"
+    caption = (f"MFU: 3 x 2 x {macs_text} per image x images/s over a "
+               f"{matmul['size']}x{matmul['size']} bf16 matmul at {matmul['tflops']:.3g} TFLOP/s" if matmul else None)
+    table = Table(title=f"bench model {report['name']}: forward+backward, {report['device']}, "
+                        f"{report['threads']} threads, median of {report['steps']} steps", caption=caption)
+    for column in ("batch", "setting", "images/s", "ms/step", "first step s", "TFLOP/s", "MFU", "vs baseline"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for r in report["results"]:
-        table.add_row(r["setting"], f"{r['images_per_s']:,.1f}", f"{r['ms_per_step']:,.1f}", f"{r['ratio']:.2f}x")
-    out_console().print(table)
+        table.add_row(str(r["batch_size"]), r["setting"], f"{r['images_per_s']:,.1f}", f"{r['ms_per_step']:,.1f}",
+                      f"{r['first_step_s']:,.2f}", "-" if r["tflops"] is None else f"{r['tflops']:,.3g}",
+                      "-" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['ratio']:.2f}x")
+    return table
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
