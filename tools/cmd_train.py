@@ -187,35 +187,53 @@ def bench_train_cmd(
     net_option: Optional[list[str]] = typer.Option(None, "--net-option", help="Extra backbone kwarg NAME=JSON."),
     batch_size: int = typer.Option(64, "--batch-size"),
     steps: int = typer.Option(30, "--steps"),
-    workers: int = typer.Option(2, "--workers"),
+    log_every: int = typer.Option(5, "--log-every", help="Steps per measured window (the first is left out)."),
+    workers: int = typer.Option(2, "--workers", help="Loader worker processes."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="JPEG decoder of the shard source "
+                                          "(simplejpeg, nvjpeg, ...; default: the training default)."),
+    loader: Optional[str] = typer.Option(None, "--loader", help="Input pipeline of the shard source: native or "
+                                         "dali (default: native)."),
+    source: Optional[list[str]] = typer.Option(None, "--source", help="What to train from (repeat): shards, "
+                                               "memory, synthetic (default: all three)."),
     device: str = typer.Option("cpu", "--device"),
-    amp: bool = typer.Option(False, "--amp/--no-amp"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Autocast (default: on for cuda and npu)."),
     amp_dtype: str = typer.Option("bf16", "--amp-dtype"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the backbone (its first window, "
+                                 "which compiles, is left out)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)."),
     rounds: int = typer.Option(2, "--rounds", help="Interleaved rounds per source; the best is shown."),
     work: Path = typer.Option(Path("bench-train"), "--work", help="Scratch directory."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Train-step images/s: the real shard pipeline vs the same batches from memory vs SyntheticSource."""
-    from rich.console import Console
+    """Train-step images/s, data wait and peak memory: the real shard pipeline vs the same batches from
+    memory vs SyntheticSource."""
     from rich.table import Table
 
+    from lresnet.core.device import device_kind
     from lresnet.tools.options import parse_pairs
-    from lresnet.train.bench import bench_train
+    from lresnet.tools.render import out_console
+    from lresnet.train.bench import SOURCES, bench_train
 
+    use_amp = amp if amp is not None else device_kind(device) != "cpu"
     rows = bench_train(work, shards=shards, net=net, net_options=parse_pairs(net_option or [], "--net-option"),
                        batch_size=batch_size, steps=steps, workers=workers, device=device,
-                       amp_dtype=amp_dtype if amp else None, threads=threads, rounds=rounds)
+                       amp_dtype=amp_dtype if use_amp else None, log_every=log_every, threads=threads,
+                       rounds=rounds, decoder=decoder, loader=loader, compile=compile,
+                       sources=source or SOURCES)
     if json_out:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(title=f"lresnet bench train: {net}, batch {batch_size}, {steps} steps, {device}")
-    for col in ("source", "images/s end to end", "images/s step only", "data wait", "vs memory"):
+    precision = f"{amp_dtype} autocast" if use_amp else "fp32"
+    table = Table(title=f"lresnet bench train: {net}, batch {batch_size}, {steps} steps, {device}, {precision}"
+                        + (", compiled" if compile else ""), caption=f"peak memory: {rows[0]['peak_memory']}")
+    for col in ("source", "images/s end to end", "images/s step only", "data wait", "vs memory", "peak MiB"):
         table.add_column(col, justify="right" if col != "source" else "left")
     for row in rows:
+        ratio = row["ratio_to_memory"]
         table.add_row(row["source"], f"{row['images_per_s']:.1f}", f"{row['images_per_s_step']:.1f}",
-                      f"{row['data_wait']:.1%}", f"{row['ratio_to_memory']:.2f}x")
-    Console().print(table)
+                      f"{row['data_wait']:.1%}", "-" if ratio is None else f"{ratio:.2f}x",
+                      f"{row['peak_memory_bytes'] / 2**20:,.0f}")
+    out_console().print(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
