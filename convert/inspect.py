@@ -49,7 +49,7 @@ def verify_shards(out_dir: PathLike, progress: Optional[Callable[[int], None]] =
         out_dir: the conversion output folder (or its ``train/`` folder, or the manifest).
         progress: called with the bytes of each file once it is hashed.
     Raises:
-        InputError: naming the first shard that is missing, has another size, or another sha256.
+        InputError: naming every shard that is missing, has another size or another sha256 (one line).
     """
     path = manifest_path(out_dir)
     manifest = read_manifest(path)
@@ -58,18 +58,30 @@ def verify_shards(out_dir: PathLike, progress: Optional[Callable[[int], None]] =
     files: List[tuple] = [(train_dir / s["name"], s) for s in manifest["shards"]]
     files += [(val_dir / v["name"], v) for v in manifest.get("val", [])]
     total = 0
+    problems: List[str] = []
     for file, entry in files:
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise InputError(file, "shard listed in the manifest is missing") from None
-        if size != entry["bytes"]:
-            raise InputError(file, f"size {size} bytes, the manifest says {entry['bytes']}")
-        digest = file_sha256(file)
-        if digest != entry["sha256"]:
-            raise InputError(file, f"sha256 {digest[:16]}... differs from the manifest's "
-                                   f"{entry['sha256'][:16]}...: the shard is damaged")
-        total += size
+        problem = _check_file(file, entry)
+        if problem is not None:
+            problems.append(f"{file.name}: {problem}")
+            continue
+        total += entry["bytes"]
         if progress is not None:
-            progress(size)
+            progress(entry["bytes"])
+    if problems:
+        raise InputError(train_dir, f"{len(problems)} of {len(files)} files do not match the manifest: "
+                                    + "; ".join(problems))
     return VerifyReport(len(manifest["shards"]), len(manifest.get("val", [])), total)
+
+
+def _check_file(file, entry: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with one listed file (None: its size and sha256 match)."""
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return "listed in the manifest, missing"
+    if size != entry["bytes"]:
+        return f"size {size} bytes, the manifest says {entry['bytes']}"
+    digest = file_sha256(file)
+    if digest != entry["sha256"]:
+        return f"sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}... (damaged)"
+    return None

@@ -74,6 +74,8 @@ def _check_structure(path: Path, obj: object) -> PairBin:
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise InputError(path, f"expected a pickled (images, issame) pair, got {type(obj).__name__}")
     images, issame = obj
+    if isinstance(issame, (list, tuple)) and not issame:
+        raise InputError(path, "holds no pairs (an empty verification set)")
     if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple)):
         raise InputError(path, f"expected (list of bytes, list of bool), got "
                                f"({type(images).__name__}, {type(issame).__name__})")

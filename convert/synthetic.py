@@ -324,7 +324,7 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
         raise ValueError(f"label_format must be 'float' or 'multi', got {label_format!r}")
     if header_at not in ("start", "end"):
         raise ValueError(f"header_at must be 'start' or 'end', got {header_at!r}")
-    sets = list(sets)
+    sets = list(sets) if pairs > 0 else []  # a set of no pairs is no verification set
     pool = max(2, min(100_000, int(eval_identities if eval_identities is not None else max(10, pairs // 4))))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lresnet.core.device import autocast_dtype, resolve_device
+from lresnet.core.errors import InputError
 from lresnet.eval.data import PairSet
 from lresnet.eval.protocol import VerificationResult, evaluate
 from lresnet.pipeline import normalize_batch
@@ -63,6 +64,16 @@ def _to_input(batch: np.ndarray, device: torch.device, bgr: bool) -> torch.Tenso
         batch = batch[..., ::-1]
     return normalize_batch(torch.from_numpy(np.ascontiguousarray(batch)), device, torch.float32,
                            channels_last=True)
+
+
+def _forward(backbone: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype]) -> torch.Tensor:
+    """The backbone's output; under autocast, its output block (``forward_head``: the embedding's
+    linear layer and BatchNorm, where fp16 overflows first) runs in fp32."""
+    if amp is None or not (hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head")):
+        return backbone(x)
+    features = backbone.forward_features(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return backbone.forward_head(features.float())
 
 
 def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch_size: int = 64,
@@ -108,10 +119,14 @@ def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch
                 count = x.shape[0]
                 if flip:
                     x = torch.cat([x, x.flip(3)])
-                out = backbone(x).float().cpu().numpy()
+                out = _forward(backbone, x, amp).float().cpu().numpy()
                 if out.ndim != 2 or out.shape[0] != x.shape[0]:
                     raise ValueError(f"backbone returned shape {tuple(out.shape)} for a batch of "
                                      f"{x.shape[0]}; expected [batch, embedding_size]")
+                if amp is not None and not np.isfinite(out).all():
+                    raise InputError("--amp", f"embeddings of images {start}..{start + count - 1} are not finite "
+                                     f"under {str(amp).replace('torch.', '')} autocast (activations beyond its "
+                                     "range); use --amp bf16 or --amp none")
                 if plain is None:
                     plain = np.empty((n, out.shape[1]), dtype=np.float32)
                     mirrored = np.empty((n, out.shape[1]), dtype=np.float32) if flip else None

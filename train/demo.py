@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -20,6 +21,8 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
+from lresnet.core.errors import InputError
+from lresnet.core.files import make_out_dir
 from lresnet.train.config import build_config
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,39 @@ class DemoSettings:
     threads: int = 0  # 0: one per core, less one for the data loader process
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for flag, value, ok, expected in (
+                ("--identities", self.identities, self.identities >= 2, "at least 2"),
+                ("--minutes", self.minutes, math.isfinite(self.minutes) and self.minutes > 0, "a positive number"),
+                ("--seed", self.seed, self.seed >= 0, "a non-negative integer")):
+            if not ok:
+                raise InputError(flag, f"got {value}, expected {expected}")
+
     def replace(self, **changes: Any) -> "DemoSettings":
         return dataclasses.replace(self, **changes)
+
+
+MARKER = ".lresnet-demo"  # in each folder the demo made: only those it replaces on the next run
+PARTS = ("faces", "shards", "run")
+
+
+def claim_work_dir(work: Path) -> None:
+    """Clear the demo's folders under `work` for a fresh run, and mark them as the demo's.
+
+    Raises:
+        InputError: `work` is a file or cannot be made, or one of ``faces``, ``shards``, ``run`` exists
+            without the demo's mark (the user's own data: never deleted).
+    """
+    make_out_dir(work)
+    for part in PARTS:
+        folder = work / part
+        if folder.exists() and not (folder / MARKER).is_file():
+            raise InputError(folder, f"exists and was not made by lresnet demo, which replaces {', '.join(PARTS)} "
+                                     "under --out; choose another --out")
+    for part in PARTS:
+        shutil.rmtree(work / part, ignore_errors=True)
+        make_out_dir(work / part)
+        (work / part / MARKER).write_text("made by lresnet demo; replaced by its next run\n", encoding="utf-8")
 
 
 def raw_pixel_embeddings(images: np.ndarray) -> np.ndarray:
@@ -99,8 +133,7 @@ def run_demo(work_dir: Union[str, Path], settings: DemoSettings = DemoSettings()
 
     t_start = time.perf_counter()
     work = Path(work_dir)
-    for stale in ("faces", "shards", "run"):  # the demo owns these and starts from scratch every time
-        shutil.rmtree(work / stale, ignore_errors=True)
+    claim_work_dir(work)
     threads = settings.threads or max(1, _cores() - 1)
     torch.set_num_threads(threads)
 

@@ -103,6 +103,7 @@ def test_codecs_encode_only_latin1_str(tmp_path):
     (([b"a", b"b"], ["yes"]), r"issame\[0\] is str"),
     ((b"ab", [True]), "expected \\(list of bytes, list of bool\\)"),
     (([b"a"], [True], 1), "expected a pickled"),
+    (([], []), "holds no pairs"),
 ])
 def test_wrong_structure(tmp_path, obj, message):
     path = tmp_path / "wrong.bin"

@@ -294,3 +294,32 @@ def test_npu_matches_cpu():
     cpu = extract_embeddings(TinyNet(), images, batch_size=4)
     npu = extract_embeddings(TinyNet(), images, batch_size=4, device="npu")
     np.testing.assert_allclose(cpu.normed, npu.normed, atol=1e-3)
+
+
+def _tiny_backbone():
+    from lresnet.model import create_backbone
+
+    torch.manual_seed(0)
+    return create_backbone("mobilefacenet", embedding_size=16, bottlenecks=[[1, 8, 1, 2]], stem_channels=8,
+                           head_channels=16).eval()
+
+
+def test_fp16_keeps_the_output_block_in_fp32():
+    # an early checkpoint: a huge projection overflows fp16 (max 65504) in the output block only
+    net = _tiny_backbone()
+    with torch.no_grad():
+        net.fc.weight.mul_(1e8)
+    images = np.random.default_rng(1).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    fp32 = extract_embeddings(net, images, batch_size=4)
+    fp16 = extract_embeddings(net, images, batch_size=4, amp_dtype="fp16")
+    assert np.isfinite(fp16.normed).all() and np.isfinite(fp16.xnorm)
+    assert np.all(np.sum(fp32.normed * fp16.normed, axis=1) > 0.99)
+
+
+def test_fp16_overflow_before_the_output_block_is_one_clear_error():
+    net = _tiny_backbone()
+    with torch.no_grad():
+        net.stem[0][0].weight.mul_(1e6)  # the first conv already leaves fp16's range
+    images = np.random.default_rng(1).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    with pytest.raises(InputError, match="not finite under float16 autocast.*use --amp bf16 or --amp none"):
+        extract_embeddings(net, images, batch_size=2, amp_dtype="fp16")

@@ -86,12 +86,13 @@ def test_convert_json_summary(src, tmp_path, capsys, monkeypatch):
     assert manifest["seed"] == 5 and manifest["shuffle"] is False
 
 
-def test_inspect_verify_names_the_damaged_shard(src, tmp_path, capsys, monkeypatch):
+def test_inspect_verify_names_every_damaged_shard(src, tmp_path, capsys, monkeypatch):
     assert run_cli(["convert-rec", src, tmp_path, "--shard-size", "8", "--json"], capsys, monkeypatch)[0] == 0
-    shard = tmp_path / "train" / "train-000002.tar"
-    _patch(shard, 600, b"\xff")
+    _patch(tmp_path / "train" / "train-000002.tar", 600, b"\xff")
+    (tmp_path / "train" / "train-000000.tar").unlink()
     code, _, err = run_cli(["inspect", tmp_path, "--verify"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "train-000002.tar", "sha256")
+    assert_one_line_error(code, err, "train-000002.tar: sha256", "2 of")
+    assert "train-000000.tar: listed in the manifest, missing" in err
 
 
 def test_inspect_refuses_unfinished_and_foreign_folders(tmp_path, capsys, monkeypatch):
