@@ -79,7 +79,8 @@ def _forward(backbone: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype]) -
 def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch_size: int = 64,
                        device: DeviceLike = "cpu", flip: bool = True,
                        amp_dtype: Union[None, str, torch.dtype] = None, bgr: bool = False,
-                       progress: Optional[Callable[[int], None]] = None) -> Embeddings:
+                       progress: Optional[Callable[[int], None]] = None,
+                       normalize_each: bool = False) -> Embeddings:
     """Embed images with a backbone (see the module docstring for the exact recipe).
 
     Args:
@@ -93,6 +94,9 @@ def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch
         amp_dtype: None (fp32), ``"bf16"``/``"fp16"`` or a torch dtype: autocast for the forward.
         bgr: feed BGR (for weights trained on BGR input).
         progress: called with the number of images done after each batch.
+        normalize_each: L2-normalise each forward output before the flip sum, as the source model
+            itself did (TreB1eN-family weights: their network ends in an L2 norm, so their protocol
+            sums two unit vectors); XNorm still reads the raw outputs.
 
     Raises:
         ValueError: images are not uint8 ``[n, H, W, 3]`` or batch_size < 1.
@@ -139,15 +143,11 @@ def extract_embeddings(backbone: nn.Module, images_uint8_nhwc: np.ndarray, batch
         backbone.train(was_training)
     if plain is None:
         raise ValueError("no images to embed")
-    raw = plain.astype(np.float64)
-    outputs = [raw]
-    if mirrored is not None:
-        mirrored64 = mirrored.astype(np.float64)
-        outputs.append(mirrored64)
-        summed = raw + mirrored64
-    else:
-        summed = raw
+    outputs = [plain.astype(np.float64)] + ([] if mirrored is None else [mirrored.astype(np.float64)])
     xnorm = float(np.mean(np.concatenate([np.linalg.norm(o, axis=1) for o in outputs])))
+    if normalize_each:
+        outputs = [normalise_rows(o) for o in outputs]
+    summed = outputs[0] + outputs[1] if len(outputs) == 2 else outputs[0]
     return Embeddings(normed=normalise_rows(summed), xnorm=xnorm, unnormalised=summed)
 
 

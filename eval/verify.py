@@ -174,6 +174,7 @@ def _score_model(request: VerifyRequest, specs: list[SetSpec], progress: Optiona
         total = len(pairs.images)
         emb = extract_embeddings(loaded.backbone, pairs.images, batch_size=request.batch_size, device=dev,
                                  flip=request.flip, amp_dtype=amp_dtype, bgr=bgr,
+                                 normalize_each=loaded.l2_normalized,
                                  progress=None if progress is None else
                                  (lambda done, name=spec.name: progress(name, done, total)))
         # the same two steps as lresnet.eval.verify_backbone, keeping the embeddings

@@ -278,12 +278,15 @@ class LoadedBackbone:
         net: its registered name.
         bgr: the weights expect BGR input (TreB1eN).
         description: ``{"kind": "checkpoint" | "weights", "path", "net", ...}`` for reports.
+        l2_normalized: the source network L2-normalised its output (TreB1eN): its evaluation
+            protocol sums normalised embeddings.
     """
 
     backbone: nn.Module
     net: str
     bgr: bool
     description: dict[str, Any] = field(default_factory=dict)
+    l2_normalized: bool = False
 
 
 def load_checkpoint_backbone(path: Union[str, "os.PathLike[str]"], net: Optional[str] = None) -> LoadedBackbone:
@@ -357,7 +360,8 @@ def load_weights_backbone(path: Union[str, "os.PathLike[str]"], net: Optional[st
             raise InputError(where, err.message) from None
     return LoadedBackbone(backbone, name, info.channel_order == "BGR",
                           {"kind": "weights", "path": where, "net": name, "source": info.source,
-                           "channel_order": info.channel_order})
+                           "channel_order": info.channel_order, "l2_normalized": info.l2_normalized},
+                          info.l2_normalized)
 
 
 def _build(name: str, where: str, **kwargs) -> nn.Module:

@@ -264,3 +264,44 @@ def test_bench_verify_reports_ratios(capsys, monkeypatch):
     assert [r["variant"].split(":")[0] for r in doc["results"]][0] == "baseline"
     assert len(doc["results"]) == 4 and doc["results"][0]["ratio_to_baseline"] == 1.0
     assert all(r["images_per_s"] > 0 for r in doc["results"])
+
+
+def _weights_test_module():
+    """The reference TreB1eN network written in tests/model (loaded by path: tests are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "model" / "test_model_weights.py"
+    spec = importlib.util.spec_from_file_location("_weights_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_treb1en_weights_are_fed_bgr_and_scored_as_their_source_scores_them(files, capsys, monkeypatch, tmp_path):
+    ref_module = _weights_test_module()
+    ref = ref_module.TrebNet((2, 2, 2, 2), se=False).eval()
+    state = ref_module.randomize(ref, seed=4)
+    weights = tmp_path / "treb1en.pth"
+    torch.save(state, weights)
+    code, out, err = run_cli(["verify", "--set", "lfw", "--data", files["val"], "--weights", weights, "--json",
+                              "--save-embeddings", tmp_path / "emb", "--folds", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["model"]["source"], doc["model"]["channel_order"], doc["model"]["bgr"]) == ("treb1en", "BGR", True)
+
+    # the source's own protocol: BGR input, its L2-normalised outputs summed with the mirrored image's
+    pairs = load_pair_set("lfw", data_dir=files["val"])
+    x = torch.from_numpy(pairs.images[..., ::-1].copy()).permute(0, 3, 1, 2).float().sub(127.5).div(127.5)
+    with torch.no_grad():
+        expected = (ref(x) + ref(x.flip(3))).double().numpy()
+    got = np.load(tmp_path / "emb" / "lfw.npy")
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    reference = evaluate(normalise_rows(expected), pairs.issame, nrof_folds=3)
+    assert doc["sets"][0]["accuracy"] == reference.accuracy
+    assert doc["sets"][0]["best_threshold"] == reference.best_threshold
+
+    # fed RGB instead (as if the channel order were not recorded), the embeddings are another network's
+    code, out, err = run_cli(["verify", "--set", "lfw", "--data", files["val"], "--weights", weights, "--rgb",
+                              "--save-embeddings", tmp_path / "rgb", "--folds", "3", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["model"]["bgr"] is False
+    assert np.abs(np.load(tmp_path / "rgb" / "lfw.npy") - expected).max() > 50 * 2e-5

@@ -303,9 +303,9 @@ def test_load_weights_backbone_builds_what_the_keys_say(tmp_path):
     path = tmp_path / "treb.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
     loaded = load_weights_backbone(path)
-    assert (loaded.net, loaded.bgr) == ("irse18", True)
+    assert (loaded.net, loaded.bgr, loaded.l2_normalized) == ("irse18", True, True)
     assert loaded.description == {"kind": "weights", "path": str(path), "net": "irse18", "source": "treb1en",
-                                  "channel_order": "BGR"}
+                                  "channel_order": "BGR", "l2_normalized": True}
     torch.testing.assert_close(F.normalize(embeddings(loaded.backbone), dim=1), embeddings(ref),
                                rtol=1e-4, atol=1e-5)
 
