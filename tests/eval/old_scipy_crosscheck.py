@@ -10,6 +10,10 @@ It loads ``eval/protocol.py`` by path (numpy only), runs the reference algorithm
 ``scipy.interpolate.interp1d`` on random and constructed pair sets, and exits 1 on the first
 difference. Measured: ``scipy 1.8.1 numpy 1.22.4 : all equal on 40 random sets + the
 repeated-maximum case`` (seed 1, 40 trials).
+
+With ``--write-fixture FILE.npz`` it instead writes smaller cases and the old SciPy's numbers to
+FILE, which ``test_eval_old_scipy_fixture.py`` compares with lresnet's ``evaluate`` in the suite
+(run with the environment above, seed 7, 10 cases: ``tests/eval/fixtures/old_scipy_1.8.1.npz``).
 """
 import importlib.util
 import os
@@ -115,7 +119,38 @@ def random_set(rng, trial):
     return emb, issame
 
 
+FIXTURE_KEYS = ("acc", "std", "thr", "val", "val_std", "far", "vthr")
+
+
+def write_fixture(path, seed, cases):
+    """Small cases (n <= 600 pairs, dim <= 8) and this environment's reference numbers, as one .npz."""
+    rng = np.random.default_rng(seed)
+    arrays = {"versions": np.array([scipy.__version__, np.__version__])}
+    for case in range(cases):
+        while True:
+            emb, issame = random_set(rng, case)
+            if len(issame) <= 600 and emb.shape[1] <= 8:
+                break
+        ref = insightface(emb, issame)
+        arrays[f"{case}_emb"], arrays[f"{case}_issame"] = emb, issame
+        for key in FIXTURE_KEYS:
+            arrays[f"{case}_{key}"] = np.asarray(ref[key], dtype=float)
+    d = np.r_[np.full(20, 0.25), [1.0], np.full(999, 4.0)]  # the repeated-maximum case, one fold
+    same = np.r_[np.ones(20, bool), np.zeros(1000, bool)]
+    emb = np.zeros((2 * d.size, 1))
+    emb[1::2, 0] = np.sqrt(d)
+    ref = insightface(emb, same, k=1)
+    arrays["repeated_emb"], arrays["repeated_issame"] = emb, same
+    for key in FIXTURE_KEYS:
+        arrays[f"repeated_{key}"] = np.asarray(ref[key], dtype=float)
+    np.savez_compressed(path, **arrays)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--write-fixture":
+        write_fixture(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 7,
+                      int(sys.argv[4]) if len(sys.argv) > 4 else 10)
+        return
     protocol = load_protocol()
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     trials = int(sys.argv[2]) if len(sys.argv) > 2 else 20
