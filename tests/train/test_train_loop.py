@@ -220,3 +220,18 @@ def test_remote_shards_take_their_counts_from_a_manifest(tiny_config, tiny_shard
     assert result.steps == 9
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt-00000009.pt")
     assert (ckpt["loader"][0]["epoch"], ckpt["loader"][0]["position"]) == (1, 1)
+
+
+def test_tensorboard_events_are_written_by_the_real_writer(tiny_config, tiny_shards, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train(tiny_config(log={"every": 2, "tensorboard": True}, schedule={"max_steps": 4},
+                      eval={"val": str(tiny_shards[1]), "every": 4, "at_epoch_end": False}))
+    events = accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "images_per_s", "data_wait", "verification/lfw/accuracy"} <= tags
+    losses = {e.step: e.value for e in events.Scalars("loss")}
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text()
+                                                .splitlines()) if "loss" in r}
+    assert sorted(losses) == [2, 4] and all(losses[s] == pytest.approx(logged[s]) for s in losses)
