@@ -44,7 +44,10 @@ def test_in_run_verification_is_logged_and_picks_the_best(tiny_config, tiny_shar
              if "verification" in line]
     assert [e["step"] for e in evals] == [8, 16]
     assert 0.0 <= evals[0]["verification"]["lfw"]["accuracy"] <= 1.0
-    assert (tmp_path / "run" / "best.pt").exists()
+    accuracies = [e["mean_accuracy"] for e in evals]
+    best_step = evals[accuracies.index(max(accuracies))]["step"]  # the first of equal bests
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == best_step
+    assert json.loads((tmp_path / "run" / "best.json").read_text()) == {"step": best_step, "metric": max(accuracies)}
 
 
 class _NaNAt(torch.nn.Module):
@@ -115,13 +118,18 @@ def test_bf16_autocast_path_on_cpu(tiny_config, monkeypatch, tmp_path):
 
 
 def test_fp16_path_uses_the_grad_scaler(tiny_config, tmp_path):
+    fp32 = tiny_config(out=str(tmp_path / "fp32"), amp={"enabled": False}, schedule={"max_steps": 1})
+    train(fp32)
     result = train(tiny_config(amp={"enabled": True, "dtype": "fp16", "loss_scale": 1024.0},
                                schedule={"max_steps": 4}))
-    assert result.steps == 4
+    assert result.steps == 4 and result.skipped_steps == 0
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt-00000004.pt")
-    assert ckpt["scaler"]["scale"] > 0
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "loss_scale" in record
+    assert ckpt["scaler"]["scale"] == 1024.0  # no overflow, and growth only every 2000 steps
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_scale"] == 1024.0 for r in records)
+    # the logged norm is of the unscaled gradients: the fp32 run's first step, not 1024 times it
+    first_fp32 = json.loads((tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+    assert records[0]["grad_norm"] == pytest.approx(first_fp32, rel=0.05)
 
 
 def test_no_resume_refuses_to_overwrite_an_earlier_run(tiny_config):
@@ -143,17 +151,25 @@ def test_resume_continues_a_finished_run_to_more_steps(tiny_config, caplog):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_amp_on_cuda(tiny_config, dtype, tmp_path):
+def test_amp_on_cuda(tiny_config, dtype, tmp_path, monkeypatch):
+    seen = _record_conv_dtypes(monkeypatch)
     result = train(tiny_config(dist={"device": "cuda"}, amp={"enabled": True, "dtype": dtype},
                                schedule={"max_steps": 4}))
     assert result.steps == 4 and result.skipped_steps == 0
+    assert set(seen) == {torch.bfloat16 if dtype == "bf16" else torch.float16}
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "run"))))
+    weights = load_checkpoint(tmp_path / "run" / "ckpt-00000004.pt")["backbone"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # fp32 master weights
 
 
 @pytest.mark.npu
-def test_bf16_on_npu(tiny_config):
+def test_bf16_on_npu(tiny_config, tmp_path, monkeypatch):
+    seen = _record_conv_dtypes(monkeypatch)
     result = train(tiny_config(dist={"device": "npu"}, amp={"enabled": True, "dtype": "bf16"},
                                schedule={"max_steps": 4}))
-    assert result.steps == 4
+    assert result.steps == 4 and result.skipped_steps == 0
+    assert set(seen) == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "run"))))
 
 
 def test_start_epoch_shifts_the_schedule(tiny_config, tmp_path):
