@@ -103,14 +103,27 @@ def write_synthetic_ijb(root: PathLike, images: int = IJBC_SIZE["images"], templ
             "negative_pairs": int(len(neg)), "dim": dim, **paths}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (getrusage's ru_maxrss would also count what the
+    parent held when this process was forked before its exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _score_child(root: str, threads: int, queue) -> None:
     """Child process: score the written set, send back the report's numbers and this process's peak RSS."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = evaluate_ijb(root, "IJBC", embeddings=Path(root) / "emb.npy", flip_embeddings=Path(root) / "emb_flip.npy",
                           options=IJBOptions(), threads=threads, keep_scores=False)
     wall = time.perf_counter() - start
-    queue.put({"wall_s": wall, "report": report.as_dict(),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"wall_s": wall, "cpu_s": time.process_time() - cpu, "report": report.as_dict(),
+               "peak_rss_mb": _peak_rss_mb()})
 
 
 def _baseline(root: Path, sample_templates: int = 40, sample_pairs: int = 300_000) -> dict[str, float]:
@@ -145,7 +158,8 @@ def bench_ijb(images: int = IJBC_SIZE["images"], templates: int = IJBC_SIZE["tem
     """Write a synthetic IJB set (in ``work_dir``, kept; else a temporary folder) and time its scoring.
 
     Returns:
-        ``{"format", "set": {...}, "threads", "wall_s", "seconds": per stage, "peak_rss_mb",
+        ``{"format", "set": {...}, "threads", "wall_s", "cpu_s" (the scoring process's user + system
+        time), "load_average" (other work on the machine), "seconds": per stage, "peak_rss_mb",
         "baseline": {...} or None, "speedup": ..., "tpr_at_fpr"}``.
     """
     keep = work_dir is not None
@@ -170,7 +184,8 @@ def bench_ijb(images: int = IJBC_SIZE["images"], templates: int = IJBC_SIZE["tem
     report = result["report"]
     total_base = sum(base.values()) + report["seconds"]["read_meta"] + report["seconds"]["roc"] if base else None
     return {"format": "lresnet-bench-ijb/1", "set": info, "write_s": round(write_s, 2), "threads": threads,
-            "cpus": os.cpu_count(), "wall_s": round(result["wall_s"], 2), "seconds": report["seconds"],
+            "cpus": os.cpu_count(), "wall_s": round(result["wall_s"], 2), "cpu_s": round(result["cpu_s"], 2),
+            "load_average": [round(v, 2) for v in os.getloadavg()], "seconds": report["seconds"],
             "peak_rss_mb": round(result["peak_rss_mb"], 1),
             "baseline": {k: round(v, 3) for k, v in base.items()} if base else None,
             "speedup": round(total_base / result["wall_s"], 1) if base else None,

@@ -18,8 +18,9 @@ otherwise):
 1. every loose crop is aligned to the ArcFace template (:mod:`lresnet.eval.align`), fed as
    ``(x / 255 - 0.5) / 0.5`` RGB, and its mirror too: per image an embedding ``e`` and a
    flipped one ``f`` (float32);
-2. image feature: ``e + f`` with flip, else ``e`` (the comments call this "F1"; the code adds,
-   it does not concatenate); without norm-score it is divided by its L2 norm, with norm-score
+2. image feature: ``e + f`` with flip, else ``e`` (its settings comment calls the flip mode "F1",
+   which a later comment names "concat"; the code runs "F2", the sum); without norm-score it is
+   divided by its L2 norm, with norm-score
    (the default) it is left as is, so the norm weights the image; with detector-score it is
    multiplied by the detector score. All in float32, as the reference;
 3. media pooling: the images of one template from the same media are averaged (``np.mean``, in
@@ -34,16 +35,17 @@ otherwise):
 
 Every step reproduces the reference's floating-point operations in the same order (checked in the
 tests against a literal transcription of it and against scikit-learn), so the numbers are the
-same to the last bit, while scoring IJB-C's 15.7 M pairs takes seconds and bounded memory:
-embeddings are read from memory-mapped ``.npy`` files a chunk of templates at a time. Where the
-reference silently mis-scores (a pair naming a template no image has: it falls back to template
-index 0 or crashes; the two image lists in a different order), lresnet raises :class:`InputError`.
+same to the last bit, while scoring IJB-C's 15.7 M pairs from embeddings takes well under a minute
+in bounded memory: embedding rows are read from the ``.npy`` files a chunk of templates at a time,
+pairs are scored in cache-sized tiles, the ROC comes from sorted scores. Where the reference
+silently mis-scores (a pair naming a template no image has: it falls back to template row 0, or
+crashes past the largest id; the two image lists in different orders; degenerate landmarks, for
+which scikit-image returns NaNs), lresnet raises :class:`InputError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import time
@@ -61,13 +63,11 @@ from lresnet.eval.align import ALIGNED_SIZE, WARP_OPENCV4, WARPS, align_face, de
 if TYPE_CHECKING:
     from lresnet.eval.embed import Encoder
 
-log = logging.getLogger(__name__)
 
 TARGETS = ("IJBC", "IJBB")
 # the reference's x_labels, 10 ** -6 ... 10 ** -1, and the keys reports use for them
 FPR_TARGETS = tuple(10 ** -k for k in range(6, 0, -1))
 FPR_KEYS = tuple(f"1e-{k}" for k in range(6, 0, -1))
-JSON_FORMAT = "lresnet-ijb/1"
 LANDMARK_VALUES = 10
 
 # progress(stage, done, total); stages "embed", "pool", "score"
@@ -160,6 +160,17 @@ class IJBReport:
     roc_fpr: Optional[np.ndarray] = field(default=None, repr=False)
     roc_tpr: Optional[np.ndarray] = field(default=None, repr=False)
     scores: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def roc_far(self) -> Optional[np.ndarray]:
+        """The ROC's false positive rates under the name pair-set results use (so the ROC plot of
+        ``verify`` draws an IJB report as it draws a set)."""
+        return self.roc_fpr
+
+    @property
+    def roc_tar(self) -> Optional[np.ndarray]:
+        """The ROC's true positive rates (see :attr:`roc_far`)."""
+        return self.roc_tpr
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the ``ijb`` object of ``verify --ijb --json``."""
@@ -568,13 +579,22 @@ def pair_scores(template_feats: np.ndarray, pairs: np.ndarray, threads: Optional
     cache, in chunks small enough to stay there too, split over ``threads`` (numpy releases the GIL);
     each score is the same numpy operation on the same two rows, so the order changes no bit.
     """
-    total = pairs.shape[0]
     tiles = -(-template_feats.shape[0] // tile)
     key_type = np.int32 if tiles * tiles < (1 << 31) else np.int64
     key = (pairs[:, 0] // tile).astype(key_type) * tiles + pairs[:, 1] // tile
     order = np.argsort(key, kind="stable")  # a radix sort
     del key
-    visit = pairs[order]
+    ranked = _scores_in_order(template_feats, pairs[order], threads, chunk, progress)
+    scores = np.empty_like(ranked)
+    scores[order] = ranked
+    if progress is not None:
+        progress("score", scores.size, scores.size)
+    return scores
+
+
+def _scores_in_order(template_feats: np.ndarray, visit: np.ndarray, threads: Optional[int], chunk: int,
+                     progress: Optional[IJBProgress]) -> np.ndarray:
+    total = visit.shape[0]
     ranked = np.empty(total, dtype=np.float64)
     threads = max(1, threads or min(os.cpu_count() or 1, 8))
     bounds = np.linspace(0, total, threads + 1).astype(np.int64)
@@ -600,12 +620,7 @@ def pair_scores(template_feats: np.ndarray, pairs: np.ndarray, threads: Optional
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, range(threads)))
-    del visit
-    scores = np.empty(total, dtype=np.float64)
-    scores[order] = ranked
-    if progress is not None:
-        progress("score", total, total)
-    return scores
+    return ranked
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -858,49 +873,13 @@ def evaluate_ijb(root: PathLike, target: str = "IJBC", *, embeddings: Union[None
                      progress=progress, seconds=seconds)
 
 
-# --------------------------------------------------------------------------- plots and tables
-def write_ijb_roc(path: PathLike, reports: Sequence[IJBReport]) -> None:
-    """The ROC of each report (TPR against FPR, log FPR from 1e-6 to 1e-1), like the reference's plot, as PNG.
-
-    Raises:
-        InputError: matplotlib is missing, or the file cannot be written.
-    """
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError(path, "writing a ROC curve needs matplotlib: pip install 'lresnet[plots]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
-    for report in reports:
-        ax.plot(report.roc_fpr, report.roc_tpr, lw=1,
-                label=f"{report.target} (AUC = {report.auc * 100:.4f} %)")
-    ax.set_xscale("log")
-    ax.set_xlim(FPR_TARGETS[0], FPR_TARGETS[-1])
-    ax.set_ylim(0.3, 1.0)
-    ax.set_xticks(FPR_TARGETS)
-    ax.grid(linestyle="--", linewidth=1)
-    ax.set_xlabel("False Positive Rate")
-    ax.set_ylabel("True Positive Rate")
-    ax.set_title("ROC on IJB")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, format="png")
-    except OSError as err:
-        raise InputError(path, f"cannot write: {err.strerror or err}") from None
-    finally:
-        plt.close(fig)
-
-
+# --------------------------------------------------------------------------- tables
 def format_percent(value: float) -> str:
     """A TPR as the reference's table prints it: ``'%.2f' % (tpr * 100)``."""
     return "-" if value is None or math.isnan(value) else f"{value * 100:.2f}"
 
 
-__all__ = ["FPR_KEYS", "FPR_TARGETS", "IJBMeta", "IJBOptions", "IJBReport", "JSON_FORMAT", "TARGETS",
+__all__ = ["EmbeddingRows", "FPR_KEYS", "FPR_TARGETS", "IJBMeta", "IJBOptions", "IJBReport", "TARGETS",
            "evaluate_ijb", "extract_ijb_embeddings", "format_percent", "ijb_aligned_batches", "ijb_encoder",
-           "ijb_folder", "load_ijb_embeddings", "normalise_like_sklearn", "pair_indices", "pair_scores",
-           "read_ijb_meta", "roc_auc", "roc_curve", "score_ijb", "segment_sums", "template_features",
-           "tpr_at_fpr", "write_ijb_roc"]
+           "ijb_folder", "meta_file", "normalise_like_sklearn", "pair_scores", "read_ijb_meta", "roc_auc",
+           "roc_curve", "score_ijb", "segment_sums", "template_features", "tpr_at_fpr"]

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from lresnet.core.errors import InputError
+from lresnet.tools.cmd_export import CHECKPOINT, NET, WEIGHTS, load_backbone
 from lresnet.tools.render import StageProgress, key_value_table, out_console, print_json
 
 
@@ -21,10 +22,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                      "of loose crops."),
         out: Path = typer.Option(..., "--out", "-o", help="Embeddings .npy to write (float32 [rows, D]); the "
                                                          "source of each row goes to OUT.names.txt."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone state dict: lresnet, "
-                                                                       "arcface_torch or TreB1eN weights."),
-        net: Optional[str] = typer.Option(None, "--net", help="Backbone name, when the file does not say."),
+        checkpoint: Optional[Path] = CHECKPOINT,
+        weights: Optional[Path] = WEIGHTS,
+        net: Optional[str] = NET,
         onnx: Optional[Path] = typer.Option(None, "--onnx", help="An ONNX file from lresnet export."),
         landmarks: Optional[Path] = typer.Option(None, "--landmarks",
                                                  help="Lines 'image x1 y1 ... x5 y5 [score]' (IJB name_5pts_score "
@@ -42,7 +42,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Embed face images with a backbone or an ONNX model."""
         from lresnet.eval.embed import OnnxEncoder, TorchEncoder, collect_images, embed_images, read_landmarks
-        from lresnet.tools.cmd_export import load_backbone
 
         if sum(p is not None for p in (checkpoint, weights, onnx)) != 1:
             raise InputError("--checkpoint", "give exactly one of --checkpoint, --weights or --onnx")

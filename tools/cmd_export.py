@@ -11,6 +11,12 @@ from lresnet.core.errors import InputError
 from lresnet.tools.render import key_value_table, out_console, print_json
 
 
+# the model options of export and embed, declared once
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt).")
+WEIGHTS = typer.Option(None, "--weights", help="Backbone state dict: lresnet, arcface_torch or TreB1eN weights.")
+NET = typer.Option(None, "--net", help="Backbone name, when the file does not say.")
+
+
 def load_backbone(checkpoint: Optional[Path], weights: Optional[Path], net: Optional[str]):
     """The model of ``--checkpoint`` or ``--weights`` (exactly one), as :class:`LoadedBackbone`."""
     from lresnet.model.weights import load_checkpoint_backbone, load_weights_backbone
@@ -51,10 +57,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
         onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone state dict: lresnet, "
-                                                                       "arcface_torch or TreB1eN weights."),
-        net: Optional[str] = typer.Option(None, "--net", help="Backbone name, when the file does not say."),
+        checkpoint: Optional[Path] = CHECKPOINT,
+        weights: Optional[Path] = WEIGHTS,
+        net: Optional[str] = NET,
         channel_order: Optional[str] = typer.Option(None, "--channel-order",
                                                     help="RGB or BGR: the input the file takes (default: the "
                                                          "weights' own; otherwise the graph swaps channels)."),

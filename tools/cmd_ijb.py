@@ -66,7 +66,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         rows = [("set", f"{s['images']:,} images, {s['templates']:,} templates, {s['pairs']:,} pairs "
                         f"({s['positive_pairs']:,} positive), {s['dim']}-d"),
                 ("scoring wall time", f"{result['wall_s']:.1f} s on {result['threads']} threads "
-                                      f"({result['cpus']} CPUs here)"),
+                                      f"({result['cpus']} CPUs here, load {result['load_average'][0]})"),
+                ("scoring CPU time", f"{result['cpu_s']:.1f} s"),
                 *((f"  {stage}", f"{sec:.1f} s") for stage, sec in result["seconds"].items()),
                 ("peak RSS of the scoring process", f"{result['peak_rss_mb']:,.0f} MB")]
         if result["baseline"]:
