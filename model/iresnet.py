@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from lresnet.model.registry import register_backbone
+from lresnet.model.registry import check_sizes, register_backbone
 
 UNITS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -163,6 +163,9 @@ class IResNet(nn.Module):
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = _prelu):
         super().__init__()
         _check_style(unit_style)
+        check_sizes("widths", widths)
+        check_sizes("units", units)
+        check_sizes("embedding_size", [embedding_size])
         if len(units) != len(widths):
             raise ValueError(f"units has {len(units)} stages, widths has {len(widths)}; they must match")
         stride_total = 2 ** len(widths)

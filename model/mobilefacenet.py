@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from lresnet.model.registry import register_backbone
+from lresnet.model.registry import check_sizes, register_backbone
 
 # (expansion t, out channels c, repeats n, stride of the first repeat s) -- the paper's Table 1.
 PAPER_BOTTLENECKS: tuple[tuple[int, int, int, int], ...] = (
@@ -73,6 +73,14 @@ class MobileFaceNet(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_sizes("stem_channels", [stem_channels])
+        check_sizes("head_channels", [head_channels])
+        check_sizes("embedding_size", [embedding_size])
+        if isinstance(bottlenecks, (str, bytes)) or not all(
+                isinstance(row, (list, tuple)) and len(row) == 4 for row in bottlenecks):
+            raise ValueError(f"bottlenecks must be rows (t, c, n, s), got {bottlenecks!r}")
+        for row in bottlenecks:
+            check_sizes("bottlenecks", row)
         self.embedding_size = embedding_size
         self.num_features = head_channels
         self.stem = nn.Sequential(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
@@ -58,7 +58,8 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
         (not L2-normalised); it has an ``embedding_size`` attribute.
 
     Raises:
-        InputError: the name is not registered (the message lists the known names).
+        InputError: the name is not registered (the message lists the known names), or an option
+            the family does not take or whose value it refuses.
     """
     _load_families()
     try:
@@ -68,7 +69,17 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise InputError(None, f"unknown backbone {name!r}{hint}; known backbones: {', '.join(known)}") from None
-    return builder(**kwargs)
+    try:
+        return builder(**kwargs)
+    except (TypeError, ValueError) as err:  # an option the family lacks, or a value its constructor refuses
+        raise InputError(name, f"bad backbone option: {err}") from None
+
+
+def check_sizes(name: str, values: Sequence[int]) -> None:
+    """Raise ValueError unless `values` is a sequence of positive integers (channel and unit counts)."""
+    if isinstance(values, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                   for v in values):
+        raise ValueError(f"{name} must be positive integers, got {values!r}")
 
 
 def _natural_key(name: str) -> tuple:

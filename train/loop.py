@@ -178,11 +178,8 @@ def build_networks(cfg: TrainConfig, num_classes: int, ctx: DistContext) -> tupl
     from lresnet.model import create_backbone
     from lresnet.model.partial_fc import create_head
 
-    try:
-        backbone = create_backbone(cfg.model.net, embedding_size=cfg.model.embedding_size,
-                                   dropout=cfg.model.dropout, **cfg.model.options)
-    except TypeError as err:  # an option this backbone family does not take
-        raise InputError("model.options", f"{cfg.model.net} does not take {sorted(cfg.model.options)}: {err}") from None
+    backbone = create_backbone(cfg.model.net, embedding_size=cfg.model.embedding_size,
+                               dropout=cfg.model.dropout, **cfg.model.options)
     h = cfg.head
     sharded = h.partial_fc and ctx.distributed
     head = create_head(h.name, cfg.model.embedding_size, num_classes, s=h.s, m=h.m, m1=h.m1, m2=h.m2, m3=h.m3,
