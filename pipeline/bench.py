@@ -4,7 +4,9 @@ All rates are images/s per worker process, measured in one run over the same syn
 (a) simplejpeg decoding the same JPEG bytes from memory in a loop (the limit of any JPEG input path),
 (b) this pipeline from the shards (in-process, one worker, two workers),
 (c) the common peer approach: a map-style Dataset doing PIL decode + per-sample flip / ToTensor /
-    Normalize, batched by a DataLoader (transforms written out with PIL + numpy + torch).
+    Normalize, batched by a DataLoader (transforms written out with PIL + numpy + torch),
+(d) when NVIDIA DALI is installed, `--loader dali` on the CPU (one DALI thread, in-process) over the
+    same shards, compared per CPU-second with (b) in-process: DALI's CPU path against lresnet's own.
 """
 
 from __future__ import annotations
@@ -61,15 +63,25 @@ class BenchResult:
 JSON_FORMAT = "lresnet-bench-pipeline/1"
 
 
+NATIVE_IN_PROCESS = "(b) pipeline from shards, in-process"
+DALI_CPU = "(d) DALI CPU pipeline, 1 thread, in-process"
+
+
 def bench_report(results: list[BenchResult], images: int, batch_size: int, rounds: int) -> dict:
     """``lresnet bench pipeline``'s ``--json`` document: every result with its ratios to the decode
-    limit (a) and to the map-style Dataset (c), wall clock and CPU time."""
+    limit (a) and to the map-style Dataset (c), wall clock and CPU time; with a DALI row (d), also
+    ``dali_vs_native``: its images per CPU-second over lresnet's in-process loader's (b)."""
     limit = next(r for r in results if r.name.startswith("(a)"))
     peer = next(r for r in results if r.name.startswith("(c)"))
     rows = [dict(r.as_dict(), rate_vs_limit=r.rate / limit.rate, rate_vs_peer=r.rate / peer.rate,
                  cpu_rate_vs_limit=r.cpu_rate / limit.cpu_rate, cpu_rate_vs_peer=r.cpu_rate / peer.cpu_rate)
             for r in results]
-    return {"format": JSON_FORMAT, "images": images, "batch_size": batch_size, "rounds": rounds, "results": rows}
+    report = {"format": JSON_FORMAT, "images": images, "batch_size": batch_size, "rounds": rounds, "results": rows}
+    dali = next((r for r in results if r.name == DALI_CPU), None)
+    native = next((r for r in results if r.name == NATIVE_IN_PROCESS), None)
+    if dali is not None and native is not None:
+        report["dali_vs_native"] = dali.cpu_rate / native.cpu_rate
+    return report
 
 
 def _children_cpu() -> float:
@@ -144,6 +156,19 @@ def bench_pipeline(shard_dir: Path, workers: int, batch_size: int = 128, shuffle
     return _time_batches(f"(b) pipeline from shards, {label}", loader, workers)
 
 
+def dali_available() -> bool:
+    """True when NVIDIA DALI imports (the (d) row is measured only then)."""
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def bench_dali(shard_dir: Path, batch_size: int = 128) -> BenchResult:
+    """(d) `--loader dali` on the CPU over the shards: shuffle + flip, one DALI thread, in this process."""
+    config = PipelineConfig(batch_size=batch_size, workers=1, pin_memory=False, shuffle_buffer=1000, loader="dali")
+    return _time_batches(DALI_CPU, build_train_loader(shard_dir, config), 0)
+
+
 class PeerDataset(Dataset):
     """The usual map-style face dataset: PIL decode, then per-sample RandomHorizontalFlip, ToTensor, Normalize."""
 
@@ -196,6 +221,8 @@ def run_bench(images: int = 20000, work_dir: Optional[Path] = None, batch_size: 
             lambda: bench_pipeline(shard_dir, 2, batch_size),
             lambda: bench_peer(jpegs, labels, 1, batch_size),
         ]
+        if dali_available():
+            runs.append(lambda: bench_dali(shard_dir, batch_size))
         total = rounds * len(runs)
         for r in range(rounds):
             for i, run in enumerate(runs):

@@ -69,6 +69,8 @@ class DevicePrefetcher:
     def _load(self, item: tuple[Any, torch.Tensor], stream: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if stream is None:
             return self._prepare(item)
+        # a batch already on the device (DALI) was written on the current stream: the side stream waits for it
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             return self._prepare(item)
 

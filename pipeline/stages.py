@@ -138,7 +138,7 @@ def read_shards(segments: Iterable[Segment], urls: Sequence[str], faults: list, 
             faults.append(Fault("short", url, None, message))
 
 
-def _seed_int(*parts: int) -> int:
+def seed_int(*parts: int) -> int:
     high, low = np.random.SeedSequence(list(parts)).generate_state(2, np.uint32)
     return (int(high) << 32) | int(low)
 
@@ -148,7 +148,7 @@ def shuffle(samples: Iterable[Sample], bufsize: int, seed: Sequence[int]) -> Ite
     if bufsize <= 1:
         yield from samples
         return
-    rand = random.Random(_seed_int(*seed)).random
+    rand = random.Random(seed_int(*seed)).random
     buf: list[Sample] = []
     for sample in samples:
         if len(buf) < bufsize:

@@ -158,7 +158,7 @@ def build_loader(cfg: TrainConfig, ctx: DistContext):
         steps = cfg.schedule.max_steps or 100
         return SyntheticSource(batch_size=d.batch_size, num_classes=d.synthetic_classes, steps=steps,
                                seed=cfg.seed + ctx.world.rank)
-    return build_train_loader(None, d, ctx.world, seed=cfg.seed)
+    return build_train_loader(None, d, ctx.world, seed=cfg.seed, device=ctx.device)  # nvjpeg and DALI need it
 
 
 def use_amp(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:

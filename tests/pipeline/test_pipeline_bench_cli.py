@@ -18,6 +18,10 @@ def test_bench_pipeline_reports_every_configuration(tmp_path):
     for row in ("(a) simplejpeg decode", "(b) pipeline from shards, in-process", "1 worker", "2 workers",
                 "(c) map-style Dataset"):
         assert row in result.output
+    from lresnet.pipeline.bench import dali_available
+
+    dali_rows = ("(d) DALI CPU pipeline, 1 thread", "DALI CPU (d) vs lresnet in-process (b)")
+    assert all((row in result.output) == dali_available() for row in dali_rows)
     assert list(tmp_path.iterdir()) == []  # the temporary data is removed
 
 
