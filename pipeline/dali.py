@@ -45,8 +45,7 @@ import torch
 
 from lresnet.core.errors import InputError
 from lresnet.pipeline.config import PipelineConfig
-from lresnet.pipeline.loader import STATE_VERSION, LoaderStats
-from lresnet.pipeline.plan import batches_per_rank
+from lresnet.pipeline.loader import EpochLoader
 from lresnet.pipeline.shards import ShardSet
 from lresnet.pipeline.stages import Fault, seed_int
 from lresnet.pipeline.world import World
@@ -143,13 +142,15 @@ def _to_torch(batch: Any, device_id: Optional[int], image_size: tuple[int, int])
     return out
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Per-rank batches `(images, labels int64 [B])` from DALI: images uint8 [B, H, W, 3] on the CPU,
     float [B, 3, H, W] already normalised on a GPU.
 
     The same interface as lresnet.pipeline.TrainLoader (len, set_epoch, state_dict/load_state_dict,
     num_classes, stats); see the module docstring for how epochs, ranks and resume work.
     """
+
+    MATCH = EpochLoader.MATCH + ("loader",)
 
     def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, seed: int = 0,
                  device: Optional[Device] = None):
@@ -160,67 +161,32 @@ class DaliLoader:
         remote = [u for u in shards.urls if not os.path.isfile(u)]
         if remote:
             raise InputError(remote[0], "--loader dali reads local shard files only (not pipe: or URLs)")
+        super().__init__(shards, config, world, seed)
         indexes = [os.path.splitext(u)[0] + ".idx" for u in shards.urls]
         self.index_paths = indexes if all(os.path.isfile(i) for i in indexes) else None
-        self.shards, self.config, self.world, self.seed = shards, config, world, seed
         dev = torch.device(device) if device is not None else None
         self.device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) \
             if dev is not None and dev.type == "cuda" else None
-        self.stats = LoaderStats()
-        self.epoch = 0
-        self._position = 0
-        self._len = batches_per_rank(shards.counts, config.batch_size, world.world_size)
         self._checkpoints: list[tuple[int, Any]] = []  # (position, DALI checkpoint) of the last two positions
         self._resume_from: Optional[Any] = None
 
-    def __len__(self) -> int:
-        return self._len
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return self.shards.num_classes
-
-    @property
-    def num_samples(self) -> int:
-        return self.shards.num_samples
-
-    @property
-    def samples_per_epoch(self) -> int:
-        return self._len * self.config.batch_size * self.world.world_size
-
-    @property
-    def position(self) -> int:
-        return self._position
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; a different epoch starts at its first batch, the same one keeps its position."""
-        if epoch != self.epoch:
-            self.epoch, self._position, self._resume_from, self._checkpoints = epoch, 0, None, []
+    def _new_epoch(self) -> None:
+        self._resume_from, self._checkpoints = None, []
 
     def state_dict(self) -> dict[str, Any]:
         """The position inside the epoch, DALI's checkpoints of it and of the one before, and what must match."""
-        return {"version": STATE_VERSION, "loader": "dali", "epoch": self.epoch, "position": self._position,
-                "seed": self.seed, "batch_size": self.config.batch_size, "rank": self.world.rank,
-                "world_size": self.world.world_size, "num_samples": self.num_samples,
-                "checkpoints": [[position, checkpoint] for position, checkpoint in self._checkpoints]}
+        return dict(super().state_dict(), loader="dali",
+                    checkpoints=[[position, checkpoint] for position, checkpoint in self._checkpoints])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict()` (possibly with `position` lowered by DevicePrefetcher).
+        """Continue from a `state_dict()`, from DALI's checkpoint of its position when the state holds one.
 
         Raises:
             ValueError: saved by another loader or with another seed, batch size, world or data set.
         """
-        mine = self.state_dict()
-        for name in ("version", "loader", "seed", "batch_size", "world_size", "num_samples"):
-            if state.get(name) != mine[name]:
-                raise ValueError(f"cannot resume the input pipeline: {name} was {state.get(name)} when saved, "
-                                 f"is {mine[name]} now (resume needs the same {name})")
-        position = int(state["position"])
-        if not 0 <= position <= self._len:
-            raise ValueError(f"loader position must be in [0, {self._len}], got {position}")
-        self.epoch, self._position = int(state["epoch"]), position
-        self._resume_from = next((cp for pos, cp in state.get("checkpoints", []) if pos == position), None)
-        self._checkpoints = [(position, self._resume_from)] if self._resume_from is not None else []
+        super().load_state_dict(state)
+        self._resume_from = next((cp for pos, cp in state.get("checkpoints", []) if pos == self._position), None)
+        self._checkpoints = [(self._position, self._resume_from)] if self._resume_from is not None else []
 
     def _pipeline(self, checkpoint: Optional[Any]) -> Any:
         world, config = self.world, self.config
@@ -244,7 +210,8 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._position >= self._len:
-            self._position, self._resume_from, self._checkpoints = 0, None, []
+            self._position = 0
+            self._new_epoch()
         checkpoint, self._resume_from = (self._resume_from if self._position else None), None
         pipe = self._pipeline(checkpoint)
         checkpointing = supports_checkpointing()

@@ -121,15 +121,15 @@ class LoaderStats:
         return self.corrupt_samples + self.truncated_shards
 
 
-class TrainLoader:
-    """Per-rank batches of one training source; create with `build_train_loader`.
+class EpochLoader:
+    """What every per-rank loader shares: `len()` batches per epoch on every rank, `set_epoch`, the
+    position inside the epoch, and the checks before resuming from a `state_dict()`.
 
-    Iterating yields `len(self)` batches `(images uint8 [B, H, W, 3] RGB, labels int64 [B])` for the
-    current epoch (pinned when `config.pin_memory`); label -1 marks a slot whose sample was bad.
-    `set_epoch(e)` selects the epoch (a new shard order, shuffle and flips); `state_dict()` records
-    how many batches of the epoch were consumed, and after `load_state_dict()` iteration yields exactly
-    the remaining batches of that epoch. Resume needs the same seed, batch size, world and workers.
+    Subclasses name in `MATCH` the state fields that must agree to resume, extend `state_dict()`,
+    and reset what they keep per epoch in `_new_epoch()`.
     """
+
+    MATCH: tuple[str, ...] = ("version", "seed", "batch_size", "world_size", "num_samples")
 
     def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, seed: int = 0):
         self.shards, self.config, self.world, self.seed = shards, config, world, seed
@@ -137,8 +137,6 @@ class TrainLoader:
         self.epoch = 0
         self._position = 0
         self._len = batches_per_rank(shards.counts, config.batch_size, world.world_size)
-        self._pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
-        self._warned = 0  # faults logged (one by one or in a summary)
 
     def __len__(self) -> int:
         return self._len
@@ -168,23 +166,27 @@ class TrainLoader:
         if epoch != self.epoch:
             self.epoch = epoch
             self._position = 0
+            self._new_epoch()
 
-    def state_dict(self) -> dict[str, int]:
+    def _new_epoch(self) -> None:
+        """Forget what was kept for the previous epoch's position (nothing here)."""
+
+    def state_dict(self) -> dict[str, Any]:
         """The position inside the epoch, plus what must match on resume."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self._position,
                 "seed": self.seed, "batch_size": self.config.batch_size, "rank": self.world.rank,
-                "world_size": self.world.world_size, "workers": max(1, self.config.workers),
-                "num_samples": self.num_samples}
+                "world_size": self.world.world_size, "num_samples": self.num_samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict()`.
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()` (its `position` possibly lowered by DevicePrefetcher).
 
         Raises:
-            ValueError: the state was saved with another seed, batch size, world, workers or data set.
+            ValueError: the state was saved by another loader, or with another seed, batch size,
+                world, worker count or data set.
         """
         mine = self.state_dict()
-        for name in ("version", "seed", "batch_size", "world_size", "workers", "num_samples"):
-            if int(state.get(name, -1)) != mine[name]:
+        for name in self.MATCH:
+            if state.get(name) != mine[name]:
                 raise ValueError(f"cannot resume the input pipeline: {name} was {state.get(name)} when saved, "
                                  f"is {mine[name]} now (resume needs the same {name})")
         position = int(state["position"])
@@ -192,6 +194,28 @@ class TrainLoader:
             raise ValueError(f"loader position must be in [0, {self._len}], got {position}")
         self.epoch = int(state["epoch"])
         self._position = position
+
+
+class TrainLoader(EpochLoader):
+    """Per-rank batches of one training source; create with `build_train_loader`.
+
+    Iterating yields `len(self)` batches `(images uint8 [B, H, W, 3] RGB, labels int64 [B])` for the
+    current epoch (pinned when `config.pin_memory`); label -1 marks a slot whose sample was bad.
+    `set_epoch(e)` selects the epoch (a new shard order, shuffle and flips); `state_dict()` records
+    how many batches of the epoch were consumed, and after `load_state_dict()` iteration yields exactly
+    the remaining batches of that epoch. Resume needs the same seed, batch size, world and workers.
+    """
+
+    MATCH = EpochLoader.MATCH + ("workers",)
+
+    def __init__(self, shards: ShardSet, config: PipelineConfig, world: World, seed: int = 0):
+        super().__init__(shards, config, world, seed)
+        self._pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        self._warned = 0  # faults logged (one by one or in a summary)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position inside the epoch, plus what must match on resume (the worker count too)."""
+        return dict(super().state_dict(), workers=max(1, self.config.workers))
 
     def _record(self, faults: list[Fault]) -> None:
         """Count bad input; log the first WARN_EACH faults one by one, then one line per WARN_EVERY."""
