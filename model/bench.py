@@ -173,13 +173,6 @@ def _check_settings(settings: Sequence[BenchSetting]) -> None:
                                                f"{', '.join(COMPILE_MODES)}")
 
 
-def _build(name: str, options: Optional[dict[str, Any]]) -> nn.Module:
-    try:
-        return create_backbone(name, **(options or {}))
-    except TypeError as err:  # an option this backbone family does not take
-        raise InputError("--net-option", f"{name} does not take {sorted(options or {})}: {err}") from None
-
-
 def bench_settings(name: str, settings: Sequence[BenchSetting], batch_size: int = 8, steps: int = 5,
                    warmup: int = 1, device: str = "cpu", seed: int = 0, options: Optional[dict[str, Any]] = None,
                    macs_per_image: int = 0, matmul_tflops: float = 0.0) -> list[BenchResult]:
@@ -203,7 +196,7 @@ def bench_settings(name: str, settings: Sequence[BenchSetting], batch_size: int 
     _check_settings(settings)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    base_model = _build(name, options).to(dev).train()
+    base_model = create_backbone(name, **(options or {})).to(dev).train()
     images = torch.randn(batch_size, 3, 112, 112, device=dev)
     runs = [_prepare(base_model, images, setting) + (setting.dtype == "bf16",) for setting in settings]
     del base_model
@@ -264,7 +257,7 @@ class BenchReport:
 def model_macs(name: str, options: Optional[dict[str, Any]] = None) -> int:
     """Conv + linear MACs of one 112x112 image, counted on the meta device (no weights allocated)."""
     with torch.device("meta"):
-        model = _build(name, options)
+        model = create_backbone(name, **(options or {}))
     return count_macs(model)
 
 

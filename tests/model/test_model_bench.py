@@ -74,7 +74,7 @@ def test_report_without_mfu():
 def test_bad_settings_and_options_are_input_errors():
     with pytest.raises(InputError, match="--compile-mode: got 'fastest'"):
         bench_settings("mobilefacenet", [BenchSetting(compile=True, compile_mode="fastest")])
-    with pytest.raises(InputError, match="--net-option: mobilefacenet does not take"):
+    with pytest.raises(InputError, match="mobilefacenet: bad backbone option"):
         model_macs("mobilefacenet", {"widths": [8]})
 
 
