@@ -63,6 +63,12 @@ class VerifyRequest:
     bgr: Optional[bool] = None
     folds: int = 10
     save_embeddings: Optional[Path] = None
+    # IJB-B/IJB-C instead of pair sets: the target under ``data``, and the reference's switches
+    ijb: Optional[str] = None
+    flip_embeddings: Optional[Path] = None
+    norm_score: bool = True
+    detector_score: bool = True
+    save_aligned: Optional[Path] = None
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,21 @@ class SetReport:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The model (or embeddings file) and every set scored, in the order asked for."""
+    """The model (or embeddings file) and every set scored, in the order asked for, or the IJB target."""
 
     model: dict[str, Any]
     sets: list[SetReport] = field(default_factory=list)
+    ijb: Any = None  # an lresnet.eval.ijb.IJBReport
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``--json`` document: ``{"format": "lresnet-verify/1", "model": {...}, "sets": [...]}``."""
-        return {"format": JSON_FORMAT, "model": self.model, "sets": [s.as_dict() for s in self.sets]}
+        """The ``--json`` document: ``{"format": "lresnet-verify/1", "model": {...}, "sets": [...]}``,
+        or ``"ijb": {...}`` in place of ``"sets"``."""
+        doc = {"format": JSON_FORMAT, "model": self.model}
+        if self.ijb is not None:
+            doc["ijb"] = self.ijb.as_dict()
+        else:
+            doc["sets"] = [s.as_dict() for s in self.sets]
+        return doc
 
 
 def collect_sets(sets: Sequence[str], all_sets: bool, data: Optional[Path], bins: Sequence[Path]) -> list[SetSpec]:
@@ -135,6 +148,11 @@ def run_verify(request: VerifyRequest, progress: Optional[VerifyProgress] = None
     sources = [p for p in (request.checkpoint, request.weights, request.embeddings) if p is not None]
     if len(sources) != 1:
         raise InputError("--checkpoint", "give exactly one of --checkpoint, --weights or --embeddings")
+    if request.ijb is not None:
+        return _score_ijb(request, progress)
+    if request.flip_embeddings is not None or request.save_aligned is not None:
+        raise InputError("--flip-embeddings" if request.flip_embeddings is not None else "--save-aligned",
+                         "goes with --ijb IJBC|IJBB")
     specs = collect_sets(request.sets, request.all_sets, request.data, request.bins)
     if request.embeddings is not None:
         return _score_embeddings(request.embeddings, specs, request.folds)
@@ -157,12 +175,9 @@ def _score_embeddings(path: Path, specs: list[SetSpec], folds: int) -> VerifyRep
 
 def _score_model(request: VerifyRequest, specs: list[SetSpec], progress: Optional[VerifyProgress]
                  ) -> VerifyReport:
-    from lresnet.model import load_checkpoint_backbone, load_weights_backbone
-
     dev = resolve_device(request.device)
     amp_dtype = autocast_dtype(request.amp)
-    loaded = (load_checkpoint_backbone(request.checkpoint, request.net) if request.checkpoint is not None
-              else load_weights_backbone(request.weights, request.net))
+    loaded = _load_model(request)
     bgr = loaded.bgr if request.bgr is None else request.bgr
     model = dict(loaded.description, flip=request.flip, bgr=bgr, device=str(dev),
                  amp=None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
@@ -183,6 +198,43 @@ def _score_model(request: VerifyRequest, specs: list[SetSpec], progress: Optiona
             _save_npy(request.save_embeddings, spec.name, emb.unnormalised)
         report.sets.append(SetReport(spec.name, pairs.source, result))
     return report
+
+
+def _load_model(request: VerifyRequest):
+    from lresnet.model import load_checkpoint_backbone, load_weights_backbone
+
+    return (load_checkpoint_backbone(request.checkpoint, request.net) if request.checkpoint is not None
+            else load_weights_backbone(request.weights, request.net))
+
+
+def _score_ijb(request: VerifyRequest, progress: Optional[VerifyProgress]) -> VerifyReport:
+    """IJB-B/IJB-C template verification, as arcface_torch's eval_ijbc.py computes it."""
+    from lresnet.eval.ijb import IJBOptions, evaluate_ijb, ijb_encoder
+
+    if request.sets or request.all_sets or request.bins:
+        raise InputError("--ijb", "scores one IJB target under --data; --set/--all/--bin go without it")
+    if request.data is None:
+        raise InputError("--data", "--ijb needs --data ROOT (the folder holding IJBC/ or IJBB/)")
+    options = IJBOptions(flip=request.flip, norm_score=request.norm_score, detector_score=request.detector_score)
+    on_progress = None if progress is None else (lambda stage, done, total: progress(stage, done, total))
+    if request.embeddings is not None:
+        report = evaluate_ijb(request.data, request.ijb, embeddings=request.embeddings,
+                              flip_embeddings=request.flip_embeddings, options=options, progress=on_progress)
+        return VerifyReport({"kind": "embeddings", "path": str(request.embeddings),
+                             "flip_path": None if request.flip_embeddings is None else str(request.flip_embeddings)},
+                            ijb=report)
+    if request.flip_embeddings is not None:
+        raise InputError("--flip-embeddings", "goes with --embeddings (a model embeds the mirrored crops itself)")
+    dev = resolve_device(request.device)
+    loaded = _load_model(request)
+    bgr = loaded.bgr if request.bgr is None else request.bgr
+    encoder = ijb_encoder(loaded.backbone, device=dev, amp=request.amp, bgr=bgr)
+    report = evaluate_ijb(request.data, request.ijb, encoder=encoder, options=options,
+                          batch_size=request.batch_size, save_aligned=request.save_aligned,
+                          save_embeddings=request.save_embeddings, progress=on_progress)
+    model = dict(loaded.description, flip=request.flip, bgr=bgr, device=str(dev), amp=request.amp,
+                 batch_size=request.batch_size)
+    return VerifyReport(model, ijb=report)
 
 
 def _save_npy(folder: Path, name: str, rows: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -39,27 +40,64 @@ def verify_command(
     save_embeddings: Optional[Path] = typer.Option(
         None, "--save-embeddings", help="Folder to write <set>.npy: the flip-summed embeddings before "
                                         "normalisation; --embeddings on them reproduces the numbers exactly."),
+    ijb: Optional[IJBTarget] = typer.Option(None, "--ijb", help="Score IJB-C or IJB-B (templates, TPR@FPR) "
+                                                                "from --data ROOT, as arcface_torch's eval_ijbc.py."),
+    flip_embeddings: Optional[Path] = typer.Option(None, "--flip-embeddings", help="--ijb with --embeddings: the "
+                                                   "embeddings of the mirrored aligned crops (one row per image)."),
+    norm_score: bool = typer.Option(True, "--norm-score/--no-norm-score", help="--ijb: keep each image "
+                                    "feature's norm as its weight (the reference's setting)."),
+    detector_score: bool = typer.Option(True, "--detector-score/--no-detector-score", help="--ijb: weight each "
+                                        "image feature by its face detector score (the reference's setting)."),
+    save_aligned: Optional[Path] = typer.Option(None, "--save-aligned", help="--ijb: write the aligned crops "
+                                                "(uint8 N x 112 x 112 x 3 RGB, file order) to this .npy."),
 ) -> None:
-    """Score a backbone (or precomputed embeddings) on verification sets, InsightFace's protocol."""
+    """Score a backbone (or precomputed embeddings) on verification sets, InsightFace's protocol;
+    with --ijb, on IJB-C/IJB-B as arcface_torch scores them."""
     from lresnet.eval.verify import VerifyRequest, run_verify
 
     request = VerifyRequest(sets=tuple(set_names), all_sets=all_sets, data=data, bins=tuple(bins),
                             checkpoint=checkpoint, weights=weights, net=net, embeddings=embeddings, flip=flip,
                             batch_size=batch_size, device=device, amp=amp, bgr=bgr, folds=folds,
-                            save_embeddings=save_embeddings)
+                            save_embeddings=save_embeddings, ijb=None if ijb is None else ijb.value,
+                            flip_embeddings=flip_embeddings, norm_score=norm_score, detector_score=detector_score,
+                            save_aligned=save_aligned)
     with StageProgress(transient=True) as bar:
-        report = run_verify(request, progress=lambda name, done, total: bar.update(f"{name}: embedding",
-                                                                                   done, total))
+        report = run_verify(request, progress=bar.update if ijb is not None else
+                            lambda name, done, total: bar.update(f"{name}: embedding", done, total))
+    curves = [(report.ijb.target, report.ijb)] if report.ijb is not None else [(s.name, s.result)
+                                                                                for s in report.sets]
     if roc is not None:
-        write_roc(roc, [(s.name, s.result) for s in report.sets])
+        write_roc(roc, curves)
     if as_json:
         print_json(report.as_dict())
         return
     console = Console()
+    if report.ijb is not None:
+        console.print(ijb_table(report.ijb))
     for s in report.sets:
         console.print(result_table(s.name, s.source, s.result))
     if roc is not None:
         console.print(f"ROC curves written to {roc}")
+
+
+class IJBTarget(str, Enum):
+    IJBC = "IJBC"
+    IJBB = "IJBB"
+
+
+def ijb_table(report: Any) -> Table:
+    """TPR at each FPR of an IJB target, the reference's table, plus the ROC AUC."""
+    table = Table(title=f"{report.target}  ({report.templates:,} templates, {report.pairs:,} pairs, "
+                        f"{report.images:,} images)", title_justify="left")
+    table.add_column("FPR", style="bold")
+    for key in report.tpr_at_fpr:
+        table.add_column(key, justify="right")
+    table.add_column("AUC", justify="right")
+    table.add_row("TPR (%)", *[f"{100 * v:.2f}" for v in report.tpr_at_fpr.values()], f"{report.auc:.5f}")
+    table.caption = (f"flip {'on' if report.options.flip else 'off'}, norm score "
+                     f"{'on' if report.options.norm_score else 'off'}, detector score "
+                     f"{'on' if report.options.detector_score else 'off'}")
+    return table
 
 
 def _fmt(value: Optional[float], digits: int = 5) -> str:

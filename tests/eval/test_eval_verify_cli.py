@@ -305,3 +305,60 @@ def test_treb1en_weights_are_fed_bgr_and_scored_as_their_source_scores_them(file
                               "--save-embeddings", tmp_path / "rgb", "--folds", "3", "--json"], capsys, monkeypatch)
     assert code == 0 and json.loads(out)["model"]["bgr"] is False
     assert np.abs(np.load(tmp_path / "rgb" / "lfw.npy") - expected).max() > 50 * 2e-5
+
+
+@pytest.fixture(scope="module")
+def ijb_root(tmp_path_factory):
+    from lresnet.convert.synthetic import synthesize_ijb
+
+    root = tmp_path_factory.mktemp("ijb")
+    synthesize_ijb(root, "IJBB", identities=4, seed=2)
+    images = len((root / "IJBB" / "meta" / "ijbb_face_tid_mid.txt").read_text().splitlines())
+    np.save(root / "rows.npy", np.random.default_rng(0).normal(size=(images, 8)).astype(np.float32))
+    return root
+
+
+def test_verify_ijb_from_a_checkpoint_and_from_its_saved_embeddings(files, ijb_root, capsys, monkeypatch, tmp_path):
+    code, out, err = run_cli(["verify", "--ijb", "IJBB", "--data", ijb_root, "--checkpoint", files["ckpt"], "--json",
+                              "--save-embeddings", tmp_path / "emb", "--save-aligned", tmp_path / "crops.npy"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["format"] == "lresnet-verify/1" and "sets" not in doc
+    ijb = doc["ijb"]
+    assert ijb["target"] == "IJBB" and ijb["pairs"] == ijb["positive_pairs"] + ijb["negative_pairs"] > 0
+    assert list(ijb["tpr_at_fpr"]) == ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"]
+    assert all(0.0 <= v <= 1.0 for v in ijb["tpr_at_fpr"].values()) and 0.0 <= ijb["auc"] <= 1.0
+    crops = np.load(tmp_path / "crops.npy")
+    assert crops.dtype == np.uint8 and crops.shape == (ijb["images"], 112, 112, 3)
+    # the protocol from the saved per-image embeddings alone gives the same numbers
+    code, out, err = run_cli(["verify", "--ijb", "IJBB", "--data", ijb_root, "--json",
+                              "--embeddings", tmp_path / "emb" / "ijbb.npy",
+                              "--flip-embeddings", tmp_path / "emb" / "ijbb.flip.npy"], capsys, monkeypatch)
+    assert code == 0, err
+    again = json.loads(out)["ijb"]
+    assert (again["tpr_at_fpr"], again["auc"]) == (ijb["tpr_at_fpr"], ijb["auc"])
+    code, out, err = run_cli(["verify", "--ijb", "IJBB", "--data", ijb_root, "--roc", tmp_path / "roc.png",
+                              "--embeddings", tmp_path / "emb" / "ijbb.npy", "--no-flip", "--no-norm-score",
+                              "--no-detector-score"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "TPR (%)" in out and (tmp_path / "roc.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--embeddings", "{rows}"], ("--flip-embeddings", "or pass --no-flip")),
+    (["--embeddings", "{emb}", "--no-flip"], ("emb.npy", "got 80 rows, expected", "face_tid_mid")),
+    (["--embeddings", "{emb}", "--no-flip", "--set", "lfw"], ("--ijb", "--set/--all/--bin go without it")),
+    (["--checkpoint", "{ckpt}", "--flip-embeddings", "{emb}"], ("--flip-embeddings", "goes with --embeddings")),
+])
+def test_verify_ijb_bad_combinations_are_one_line(files, ijb_root, capsys, monkeypatch, args, fragments):
+    fill = {"emb": files["emb"], "ckpt": files["ckpt"], "rows": ijb_root / "rows.npy"}
+    code, _, err = run_cli(["verify", "--ijb", "IJBB", "--data", ijb_root, *(a.format(**fill) for a in args)],
+                           capsys, monkeypatch)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_flip_embeddings_without_ijb_is_one_line(files, capsys, monkeypatch):
+    code, _, err = run_cli(["verify", "--set", "lfw", "--data", files["val"], "--embeddings", files["emb"],
+                            "--flip-embeddings", files["emb"]], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--flip-embeddings", "goes with --ijb")

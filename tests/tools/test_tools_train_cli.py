@@ -51,6 +51,7 @@ SAMPLES = {
     "data.shards": "some/shards", "data.manifest": "m.json", "data.batch_size": 32, "data.workers": 3,
     "data.shuffle_buffer": 500, "data.decoder": "pillow", "data.flip": False, "data.augment": ["crop", "gray"],
     "data.strict": True, "data.prefetch_factor": 4, "data.pin_memory": False, "data.synthetic_classes": 50,
+    "data.loader": "dali", "data.pipe_timeout": 30.0,
     "optim.lr": 0.2, "optim.momentum": 0.8, "optim.nesterov": True, "optim.weight_decay": 1e-4,
     "optim.decay_norm_and_bias": True, "optim.decay_head": False, "optim.scale_lr": True, "optim.base_batch": 256,
     "optim.grad_clip": 5.0,
