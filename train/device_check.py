@@ -116,9 +116,9 @@ def _validate(s: CheckSettings) -> None:
         raise InputError("--device", f"got {s.device!r}, expected one of cpu, cuda[:i], npu[:i]")
     unknown = [stage for stage in s.stages if stage not in STAGES]
     if unknown or not s.stages:
-        raise InputError("--stages", f"got {','.join(s.stages)}, expected some of {','.join(STAGES)}")
+        raise InputError("--stage", f"got {','.join(s.stages)}, expected some of {','.join(STAGES)}")
     for flag, value, low in (("--workers", s.workers, 0), ("--deadline", s.deadline_s, 1),
-                             ("--train-steps", s.train_steps, 2 * s.log_every)):
+                             ("train_steps", s.train_steps, 2 * s.log_every)):
         if value < low:
             raise InputError(flag, f"got {value}, expected >= {low}")
     if not s.batch_sizes or min(s.batch_sizes) < 1:

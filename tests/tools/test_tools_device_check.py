@@ -104,7 +104,7 @@ def test_defaults_per_device_and_quick():
     assert cpu.decoders == ("simplejpeg",) and not cpu.compile and cpu.threads == 1
     assert check_settings("cpu", quick=True, compile=True, workers=None).compile
     assert check_settings("npu").test_marker == "npu"
-    for changes, flag in (({"stages": ("tests", "bench")}, "--stages"), ({"workers": -1}, "--workers"),
+    for changes, flag in (({"stages": ("tests", "bench")}, "--stage"), ({"workers": -1}, "--workers"),
                           ({"batch_sizes": ()}, "--batch-size"), ({"device": "tpu"}, "--device")):
         with pytest.raises(InputError) as err:
             check_settings(**changes)
