@@ -32,6 +32,7 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from lresnet.core.errors import InputError, PathLike
+from lresnet.core.files import errors_name
 
 log = logging.getLogger(__name__)
 
@@ -157,20 +158,25 @@ class RecordWriter:
             raise ValueError(f"{self.rec_path}: writer is closed")
         offset = self._offset
         data = encode_record(record)
-        self._rec.write(data)
+        with errors_name(self.rec_path):
+            self._rec.write(data)
         self._offset += len(data)
         if self._idx is not None:
-            self._idx.write(f"{int(key)}\t{offset}\n")
+            with errors_name(self.idx_path):
+                self._idx.write(f"{int(key)}\t{offset}\n")
         return offset
 
     def close(self) -> None:
         """Flush and close both files."""
-        if self._rec is not None:
-            self._rec.close()
-            self._rec = None
-        if self._idx is not None:
-            self._idx.close()
-            self._idx = None
+        rec, idx, self._rec, self._idx = self._rec, self._idx, None, None
+        try:
+            if rec is not None:
+                with errors_name(self.rec_path):
+                    rec.close()
+        finally:
+            if idx is not None:
+                with errors_name(self.idx_path):
+                    idx.close()
 
     def __enter__(self) -> "RecordWriter":
         return self

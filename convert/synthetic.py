@@ -14,7 +14,6 @@ deterministic for a seed.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import zlib
 from collections import OrderedDict
@@ -25,6 +24,7 @@ import numpy as np
 import simplejpeg
 
 from lresnet.core.errors import PathLike
+from lresnet.core.files import atomic_file, atomic_paths
 from lresnet.convert.pairs import write_bin
 from lresnet.convert.recordio import IRHeader, RecordWriter, pack
 
@@ -336,30 +336,29 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
 
     first_image = 1 if header_at == "start" else 0
     first_identity = first_image + n_images
-    tmp_rec, tmp_idx = out / "train.rec.tmp", out / "train.idx.tmp"
     view_rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 101]))
     header = pack(IRHeader(2, (float(first_identity), float(first_identity + identities)), 0, 0), b"")
     labels = np.repeat(np.arange(identities), images_per_id)
-    with RecordWriter(tmp_rec, tmp_idx) as writer:
-        if header_at == "start":
-            writer.write(0, header)
-        for start, images in _views(renderer, labels, view_rng):
-            batch = labels[start:start + _BATCH]
-            for j, jpeg in enumerate(encode_jpegs(images, quality)):
-                key = first_image + start + j
-                cls = float(batch[j])
-                label = (cls, 0.0) if label_format == "multi" else cls
-                writer.write(key, pack(IRHeader(0, label, key, 0), jpeg))
-            done += len(batch)
-            if progress is not None:
-                progress(done, total)
-        for c in range(identities):
-            lo = first_image + c * images_per_id
-            writer.write(first_identity + c, pack(IRHeader(2, (float(lo), float(lo + images_per_id)), 0, 0), b""))
-        if header_at == "end":
-            writer.write(first_identity + identities, header)
-    os.replace(tmp_rec, out / "train.rec")
-    os.replace(tmp_idx, out / "train.idx")
+    with atomic_paths(out / "train.rec", out / "train.idx") as (tmp_rec, tmp_idx):
+        with RecordWriter(tmp_rec, tmp_idx) as writer:
+            if header_at == "start":
+                writer.write(0, header)
+            for start, images in _views(renderer, labels, view_rng):
+                batch = labels[start:start + _BATCH]
+                for j, jpeg in enumerate(encode_jpegs(images, quality)):
+                    key = first_image + start + j
+                    cls = float(batch[j])
+                    label = (cls, 0.0) if label_format == "multi" else cls
+                    writer.write(key, pack(IRHeader(0, label, key, 0), jpeg))
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+            for c in range(identities):
+                lo = first_image + c * images_per_id
+                identity = IRHeader(2, (float(lo), float(lo + images_per_id)), 0, 0)
+                writer.write(first_identity + c, pack(identity, b""))
+            if header_at == "end":
+                writer.write(first_identity + identities, header)
 
     set_files = {}
     for name in sets:
@@ -377,9 +376,8 @@ def synthesize(out_dir: PathLike, identities: int = 100, images_per_id: int = 10
             if progress is not None:
                 progress(done, total)
         path = out / f"{name}.bin"
-        tmp = out / f"{name}.bin.tmp"
-        write_bin(tmp, jpegs, issame, protocol=4)
-        os.replace(tmp, path)
+        with atomic_paths(path) as (tmp,):
+            write_bin(tmp, jpegs, issame, protocol=4)
         set_files[name] = str(path)
     (out / "property").write_text(f"{identities},{IMAGE_SIZE},{IMAGE_SIZE}\n", encoding="ascii")
     seconds = time.perf_counter() - t0
@@ -437,9 +435,8 @@ _VIEW_LANDMARKS = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71
 
 
 def _write_text(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="ascii")
-    os.replace(tmp, path)
+    with atomic_file(path, "w", encoding="ascii") as fh:
+        fh.write("".join(f"{line}\n" for line in lines))
 
 
 def _loose_crop(view: np.ndarray, rng: np.random.Generator, difficulty: float) -> Tuple[np.ndarray, np.ndarray]:

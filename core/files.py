@@ -53,3 +53,34 @@ def atomic_file(path: PathLike, mode: str = "w", fsync: bool = False, **open_arg
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: PathLike) -> Iterator[list[Path]]:
+    """Temporary paths to write `paths` under (by writers that want a path, not a file object).
+
+    When the block succeeds they are renamed over `paths`, in order; on an exception or an
+    interrupt they are removed and `paths` are left as they were.
+    """
+    final = [Path(p) for p in paths]
+    tmps = [temp_path_for(p) for p in final]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, final):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def errors_name(path: PathLike) -> Iterator[None]:
+    """An OSError raised in the block without a file name (a write or close that failed: a full disk)
+    gets `path` as its file name, so the one-line report says which file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from None
+        raise

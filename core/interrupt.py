@@ -26,6 +26,10 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
 
     @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
     def exit_code(self) -> int:
         return 128 + self.signum
 

@@ -48,6 +48,7 @@ COMMAND_MODULES = (
     "lresnet.tools.cmd_export",
     "lresnet.tools.cmd_embed",
     "lresnet.tools.cmd_ijb",
+    "lresnet.tools.cmd_device",
 )
 
 for _name in COMMAND_MODULES:
@@ -109,6 +110,8 @@ def run(argv: list[str] | None = None) -> None:
         with signals_raise_interrupted():
             try:
                 code = typer.main.get_command(app).main(args=argv, prog_name="lresnet", standalone_mode=False)
+                if code == 130:  # typer turned a KeyboardInterrupt into exit code 130, silently
+                    sys.stderr.write("lresnet: interrupted\n")
             except NoArgsIsHelpError as err:  # a bare command group: its help, as usage
                 err.show()
                 code = 2

@@ -98,7 +98,7 @@ def _print_result(result, json_out: bool) -> None:
 
 def run_train(**flags: Any) -> None:
     """``lresnet train`` once its flags are parsed: build the config, train, print the summary."""
-    from lresnet.train.loop import TrainingAborted, TrainingInterrupted, train
+    from lresnet.train.loop import TrainingAborted, train
 
     cfg = config_from_flags(flags)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -110,10 +110,6 @@ def run_train(**flags: Any) -> None:
     except TrainingAborted as err:
         sys.stderr.write(f"lresnet: error: {err}\n")
         raise typer.Exit(1)
-    except TrainingInterrupted as err:
-        if is_main:
-            sys.stderr.write(f"lresnet: interrupted: {err}\n")
-        raise typer.Exit(143 if err.signal_name == "SIGTERM" else 130)
     finally:
         if stop:
             stop()

@@ -14,6 +14,7 @@ import json
 from typing import Any, Iterable, Optional
 
 import typer
+from rich.markup import escape
 
 from lresnet.core.errors import InputError
 from lresnet.core.schema import Option, walk
@@ -38,7 +39,7 @@ def _show(value: Any) -> str:
 
 def help_text(opt: Option) -> str:
     """The option's help, then its allowed values (when few) and its default."""
-    text = opt.spec.help
+    text = escape(opt.spec.help)  # help is plain text: "[dali]" is not rich markup
     allowed = opt.spec.allowed()
     if allowed is not None and len(allowed) <= _MAX_LISTED_CHOICES:
         text += f" One of: {', '.join(map(str, allowed))}."

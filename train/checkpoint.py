@@ -76,11 +76,34 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "wb", fsync=True) as fh:
-            torch.save(obj, fh)
+            recording = _WriteErrors(fh)
+            try:
+                torch.save(obj, recording)
+            except RuntimeError:  # torch's zip writer reports a failed write as a RuntimeError
+                if recording.error is None:
+                    raise
+                raise recording.error from None
     except OSError as err:
         raise InputError(path, f"cannot write checkpoint: {err.strerror or err}{_space_note(err, path, obj)}; "
                                "the earlier checkpoints are intact") from None
     return path
+
+
+class _WriteErrors:
+    """A file wrapper that remembers the OSError a write raised."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.error = fh, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def _space_note(err: OSError, path: Path, obj: Any) -> str:

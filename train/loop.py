@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import nn
 from lresnet.core.device import autocast_dtype
 from lresnet.core.errors import InputError
 from lresnet.core.files import make_out_dir
+from lresnet.core.interrupt import Interrupted
 from lresnet.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from lresnet.train.config import TrainConfig, save_config, to_dict
 from lresnet.train.dist import (DistContext, gather_objects, setup_distributed, teardown_distributed,
@@ -49,13 +51,14 @@ class TrainingAborted(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite for K steps in a row)."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted):
     """A stop signal ended the run after a checkpoint; rerunning the same command resumes it."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Optional[Path]):
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        where = f"checkpoint {checkpoint} written" if checkpoint else "no checkpoint written"
-        super().__init__(f"{signal_name} at step {step}: {where}; run the same command again to resume")
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+        super().__init__(signum)
+        self.step, self.checkpoint = step, checkpoint
+        where = f"checkpoint {checkpoint} written" if checkpoint else "no checkpoint written here"
+        self.args = (f"{self.signal_name} at step {step}: {where}; run the same command again to resume",)
 
 
 @dataclass
@@ -371,6 +374,8 @@ class Trainer:
         seed_everything(cfg.seed + ctx.world.rank)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
+        elif ctx.device.type == "cuda":  # every batch has the same shape: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
 
         self.loader = loader if loader is not None else build_loader(cfg, ctx)
         self.steps_per_epoch = len(self.loader)
@@ -543,7 +548,7 @@ class Trainer:
             raise TrainingAborted(
                 f"the loss or gradient was not finite for {longest} steps in a row (last at step {last_bad}, "
                 f"lr {self.schedule(max(last_bad - 1, 0)):.3g}); lower --lr, set --grad-clip, or use --amp-dtype bf16")
-        if last_bad > self.step - self.cfg.log.every:
+        if last_bad >= 0 and last_bad > self.step - self.cfg.log.every:
             log.warning("step %d: non-finite loss or gradient, %d step(s) skipped so far", last_bad, skipped)
         corrupt = self.loader.stats.corrupt_samples if hasattr(self.loader, "stats") else 0
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": self.last_loss,
@@ -638,7 +643,7 @@ class Trainer:
         path = written if written is not None and written.name == f"ckpt-{self.step:08d}.pt" else self.checkpoint()
         if self.metrics is not None:
             self.metrics.close()
-        raise TrainingInterrupted(stop.name, self.step, path if self.ctx.is_main else None)
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step, path if self.ctx.is_main else None)
 
     def result(self) -> TrainResult:
         corrupt = self.loader.stats.corrupt_samples if hasattr(self.loader, "stats") else 0

@@ -87,7 +87,7 @@ def test_the_cli_says_how_to_resume_and_exits_143(tiny_shards, tmp_path):
         proc.kill()
     assert proc.returncode == 143
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("lresnet: interrupted: SIGTERM at step ") and last.endswith("to resume"), stderr
+    assert last.startswith("lresnet: interrupted (SIGTERM at step ") and last.endswith("to resume)"), stderr
     latest = CheckpointManager(out).latest()
     assert latest is not None and str(latest) in last
 

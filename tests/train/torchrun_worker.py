@@ -48,6 +48,7 @@ def _inject_nan(rank: int, faults: dict) -> None:
 
 
 def main(config_path: str, result_dir: str, faults_json: str = "{}") -> None:
+    from lresnet.core.interrupt import Interrupted
     from lresnet.train.config import build_config
     from lresnet.train.loop import train
 
@@ -64,7 +65,7 @@ def main(config_path: str, result_dir: str, faults_json: str = "{}") -> None:
     out = Path(result_dir) / f"rank{rank}.json"
     try:
         result = train(build_config(config_file=config_path), progress=progress)
-    except Exception as err:  # the test reads what ended the run on each rank
+    except (Exception, Interrupted) as err:  # the test reads what ended the run on each rank
         out.write_text(json.dumps({"error": type(err).__name__, "message": str(err)}))
         raise SystemExit(1)
     out.write_text(json.dumps({"steps": result.steps, "start_step": result.start_step,
