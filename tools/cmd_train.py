@@ -88,6 +88,7 @@ def _print_result(result, json_out: bool) -> None:
     table.add_row("steps", f"{result.start_step} -> {result.steps}")
     table.add_row("final loss", f"{result.final_loss:.4f}")
     table.add_row("skipped steps (non-finite)", str(result.skipped_steps))
+    table.add_row("corrupt samples skipped", str(result.corrupt_samples))
     table.add_row("images/s end to end", f"{result.images_per_s:.1f}")
     table.add_row("images/s step only (reference)", f"{result.images_per_s_step:.1f}")
     table.add_row("data wait", f"{result.data_wait_fraction:.1%}")

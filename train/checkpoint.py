@@ -14,11 +14,9 @@ import errno
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -129,29 +127,28 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; InputError if it is not one of ours."""
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs); InputError if it is not one of ours."""
+    from lresnet.model.weights import read_torch_file
+
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError as err:
-        raise InputError(path, f"cannot read checkpoint: {err.strerror or err}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-            TypeError, IndexError, zipfile.BadZipFile) as err:  # a truncated file, a foreign pickle
-        raise InputError(path, f"cannot load checkpoint: {type(err).__name__}: {_first_sentence(err)}") from None
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(path, f"not an lresnet checkpoint (expected format {FORMAT!r})")
+    if str(map_location) != "cpu":
+        ckpt = _to_device(ckpt, torch.device(map_location))
     return ckpt
 
 
-def _first_sentence(err: Exception) -> str:
-    """torch's refusal without its advice to retry with weights_only=False (never do that with a foreign file)."""
-    text = " ".join(str(err).split())
-    for cut in (" Weights only load failed", " In PyTorch 2.6", " Please file an issue", " (1) In PyTorch"):
-        if cut in text[1:]:
-            text = text[:text.index(cut, 1)]
-    return text[:300]
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def checkpoint_step(path: Union[str, Path]) -> Optional[int]:

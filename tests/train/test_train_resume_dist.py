@@ -64,7 +64,12 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_pa
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "ckpt-00000020.pt").exists()
 
-    subprocess.run(_cmd(shards, killed, *args), check=True, env=_env(), capture_output=True)
+    rerun = subprocess.run(_cmd(shards, killed, *args, "--json"), check=True, env=_env(), capture_output=True,
+                           text=True)
+    summary = json.loads(rerun.stdout)
+    # a resume from the last complete checkpoint, not a restart (runs are deterministic: equal
+    # losses alone could not tell the two apart)
+    assert (summary["start_step"], summary["steps"]) == (6, 20)
 
     straight, resumed = _losses(tmp_path / "straight"), _losses(killed)
     assert sorted(resumed) == list(range(1, 21))
