@@ -48,8 +48,9 @@ def test_values_are_coerced_and_checked_when_made():
                              ({"tags": ["red", "blue"]}, "tags: got 'blue'"),
                              ({"size": "many"}, "size: got 'many', expected an integer"),
                              ({"size": 11}, "size: got 11, expected <= 10 for red")]:
-        with pytest.raises(InputError, match=fragment):
+        with pytest.raises(InputError) as err:
             Inner(**kwargs)
+        assert fragment in str(err.value)
 
 
 def test_build_names_the_dotted_key_and_refuses_unknown_keys():
