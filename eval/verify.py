@@ -201,10 +201,9 @@ def _score_model(request: VerifyRequest, specs: list[SetSpec], progress: Optiona
 
 
 def _load_model(request: VerifyRequest):
-    from lresnet.model import load_checkpoint_backbone, load_weights_backbone
+    from lresnet.model.weights import load_backbone
 
-    return (load_checkpoint_backbone(request.checkpoint, request.net) if request.checkpoint is not None
-            else load_weights_backbone(request.weights, request.net))
+    return load_backbone(request.checkpoint, request.weights, request.net)
 
 
 def _score_ijb(request: VerifyRequest, progress: Optional[VerifyProgress]) -> VerifyReport:

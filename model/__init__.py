@@ -15,8 +15,9 @@ from lresnet.model.iresnet import IResNet, IRUnit, iresnet
 from lresnet.model.mobilefacenet import MobileFaceNet
 from lresnet.model.macs import MacProfile, count_macs, count_parameters, profile_macs
 from lresnet.model.weights import (LoadedBackbone, StateDictSpec, WeightInfo, backbone_from_weights,
-                                   describe_state_dict, detect_source, load_checkpoint_backbone, load_weights,
-                                   load_weights_backbone, read_state_dict, read_torch_file, strip_wrappers)
+                                   describe_state_dict, detect_source, load_backbone, load_checkpoint_backbone,
+                                   load_weights, load_weights_backbone, read_state_dict, read_torch_file,
+                                   strip_wrappers)
 from lresnet.model.info import UNIT_STYLES, ModelInfo, describe_backbone, describe_weights_file
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "LoadedBackbone",
+    "load_backbone",
     "load_checkpoint_backbone",
     "load_weights_backbone",
     "read_torch_file",

@@ -364,6 +364,18 @@ def load_weights_backbone(path: Union[str, "os.PathLike[str]"], net: Optional[st
                           info.l2_normalized)
 
 
+def load_backbone(checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None,
+                  weights: Optional[Union[str, "os.PathLike[str]"]] = None, net: Optional[str] = None) -> LoadedBackbone:
+    """The backbone of a training ``checkpoint`` or of a ``weights`` file: exactly one of the two.
+
+    Raises:
+        InputError: neither or both given, or what the two loaders raise.
+    """
+    if (checkpoint is None) == (weights is None):
+        raise InputError("--checkpoint", "give exactly one of --checkpoint or --weights")
+    return load_checkpoint_backbone(checkpoint, net) if checkpoint is not None else load_weights_backbone(weights, net)
+
+
 def _build(name: str, where: str, **kwargs) -> nn.Module:
     """``create_backbone(name, **kwargs)``; options the family lacks are bad input naming ``where``."""
     try:

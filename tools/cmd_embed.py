@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from lresnet.core.errors import InputError
-from lresnet.tools.cmd_export import CHECKPOINT, NET, WEIGHTS, load_backbone
+from lresnet.tools.options import AMP, BATCH_SIZE, BGR, CHECKPOINT, DEVICE, NET, WEIGHTS
 from lresnet.tools.render import StageProgress, key_value_table, out_console, print_json
 
 
@@ -31,11 +31,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                       "layout): align each loose crop first."),
         flip: bool = typer.Option(False, "--flip/--no-flip", help="Row = embedding + embedding of the mirror."),
         normalize: bool = typer.Option(False, "--normalize/--no-normalize", help="L2-normalise each row."),
-        batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda[:i] or npu[:i]."),
-        amp: str = typer.Option("none", "--amp", help="Autocast for the forward: none, bf16, fp16 (PyTorch)."),
-        bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="Channel order fed to the backbone "
-                                                                     "(default: from the weights)."),
+        batch_size: int = BATCH_SIZE,
+        device: str = DEVICE,
+        amp: str = AMP,
+        bgr: Optional[bool] = BGR,
         workers: int = typer.Option(4, "--workers", min=1, help="Threads reading and aligning images."),
         strict: bool = typer.Option(False, "--strict", help="Fail on an unusable image instead of skipping it."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
@@ -54,6 +53,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if onnx is not None:
             encoder = OnnxEncoder(onnx, device=device)
         else:
+            from lresnet.model.weights import load_backbone
+
             loaded = load_backbone(checkpoint, weights, net)
             encoder = TorchEncoder(loaded.backbone, device=device, amp=amp, bgr=loaded.bgr if bgr is None else bgr,
                                    description=loaded.description)

@@ -8,22 +8,8 @@ from typing import List, Optional
 import typer
 
 from lresnet.core.errors import InputError
+from lresnet.tools.options import CHECKPOINT, NET, WEIGHTS
 from lresnet.tools.render import key_value_table, out_console, print_json
-
-
-# the model options of export and embed, declared once
-CHECKPOINT = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt).")
-WEIGHTS = typer.Option(None, "--weights", help="Backbone state dict: lresnet, arcface_torch or TreB1eN weights.")
-NET = typer.Option(None, "--net", help="Backbone name, when the file does not say.")
-
-
-def load_backbone(checkpoint: Optional[Path], weights: Optional[Path], net: Optional[str]):
-    """The model of ``--checkpoint`` or ``--weights`` (exactly one), as :class:`LoadedBackbone`."""
-    from lresnet.model.weights import load_checkpoint_backbone, load_weights_backbone
-
-    if (checkpoint is None) == (weights is None):
-        raise InputError("--checkpoint", "give exactly one of --checkpoint or --weights")
-    return load_checkpoint_backbone(checkpoint, net) if checkpoint is not None else load_weights_backbone(weights, net)
 
 
 def check_images(inputs: List[Path], limit: int = 16):
@@ -72,6 +58,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Export a backbone to ONNX (input data [N,3,112,112], dynamic N) and check it with onnxruntime."""
         from lresnet.model.export import export_onnx
+
+        from lresnet.model.weights import load_backbone
 
         loaded = load_backbone(checkpoint, weights, net)
         report = export_onnx(loaded.backbone, onnx, weights_channel_order="BGR" if loaded.bgr else "RGB",

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lresnet.core.errors import InputError
+from lresnet.tools.options import AMP, BATCH_SIZE, BGR, CHECKPOINT, DEVICE, NET, WEIGHTS
 from lresnet.tools.render import StageProgress, out_console, print_json
 
 
@@ -21,19 +22,17 @@ def verify_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Folder with <set>.tar (OUT/val) or <set>.bin files."),
     bins: List[Path] = typer.Option([], "--bin", help="An original InsightFace .bin file (repeatable); "
                                                      "the set is named after the file."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone state dict: lresnet, "
-                                                                   "arcface_torch or TreB1eN weights."),
-    net: Optional[str] = typer.Option(None, "--net", help="Backbone name, when the file does not say."),
+    checkpoint: Optional[Path] = CHECKPOINT,
+    weights: Optional[Path] = WEIGHTS,
+    net: Optional[str] = NET,
     embeddings: Optional[Path] = typer.Option(None, "--embeddings",
                                               help="Precomputed embeddings .npy [2N, D], rows 2k/2k+1 = pair k "
                                                    "(L2-normalised before scoring)."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test-time augmentation."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda[:i] or npu[:i]."),
-    amp: str = typer.Option("none", "--amp", help="Autocast dtype for the forward: none, bf16, fp16."),
-    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="Channel order fed to the backbone "
-                                                                 "(default: from the weights; RGB)."),
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    amp: str = AMP,
+    bgr: Optional[bool] = BGR,
     folds: int = typer.Option(10, "--folds", min=1, help="Cross-validation folds."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves to this PNG (needs matplotlib)."),
@@ -158,8 +157,8 @@ def write_roc(path: Path, curves: List[tuple[str, Any]]) -> None:
 def bench_verify_command(
     net: str = typer.Option("mobilefacenet", "--net", help="Backbone name."),
     images: int = typer.Option(256, "--images", min=1, help="Images per measurement."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda[:i] or npu[:i]."),
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per variant (best is kept)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:

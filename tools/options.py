@@ -21,6 +21,16 @@ from lresnet.core.schema import Option, walk
 
 _MAX_LISTED_CHOICES = 10
 
+# The model options of the commands that run a backbone (verify, embed, export), declared once.
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt).")
+WEIGHTS = typer.Option(None, "--weights", help="Backbone state dict: lresnet, arcface_torch or TreB1eN weights.")
+NET = typer.Option(None, "--net", help="Backbone name, when the file does not say.")
+BATCH_SIZE = typer.Option(64, "--batch-size", min=1, help="Images per forward.")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda[:i] or npu[:i].")
+AMP = typer.Option("none", "--amp", help="Autocast dtype for the forward: none, bf16, fp16.")
+BGR = typer.Option(None, "--bgr/--rgb", help="Channel order fed to the backbone (default: the one the weights "
+                                             "expect; RGB).")
+
 
 def param_name(opt: Option) -> str:
     """The Python parameter name of an option (``optim__lr``)."""
