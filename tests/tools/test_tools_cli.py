@@ -10,8 +10,9 @@ import pytest
 from lresnet.core.errors import InputError
 from lresnet.tools import cli
 
-EXPECTED_COMMANDS = ("synth", "convert-rec", "inspect", "verify", "train", "demo", "model-info", "bench")
-EXPECTED_BENCHES = ("convert", "pipeline", "model", "verify", "train")
+EXPECTED_COMMANDS = ("synth", "convert-rec", "inspect", "verify", "train", "demo", "model-info", "export", "embed",
+                     "synth-ijb", "bench")
+EXPECTED_BENCHES = ("convert", "pipeline", "model", "verify", "train", "ijb", "device")
 
 
 def _names(typer_app) -> set[str]:
@@ -29,12 +30,14 @@ def test_every_command_is_registered():
     assert not [b for b in EXPECTED_BENCHES if b not in benches]
 
 
-def test_input_error_is_one_line_and_exit_2(monkeypatch, capsys):
-    def broken_app():
+def test_input_error_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    import lresnet.convert.synthetic as synthetic
+
+    def broken(*args, **kwargs):
         raise InputError("data/train.rec", "bad magic 0x00000000, expected 0xced7230a", where="record 7 (offset 4096)")
 
-    monkeypatch.setattr(cli, "app", broken_app)
-    monkeypatch.setattr(sys, "argv", ["lresnet"])
+    monkeypatch.setattr(synthetic, "synthesize", broken)
+    monkeypatch.setattr(sys, "argv", ["lresnet", "synth", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2
