@@ -157,10 +157,10 @@ def bench_pipeline(shard_dir: Path, workers: int, batch_size: int = 128, shuffle
 
 
 def dali_available() -> bool:
-    """True when NVIDIA DALI imports (the (d) row is measured only then)."""
-    import importlib.util
+    """True when NVIDIA DALI is installed (the (d) row is measured only then)."""
+    from lresnet.pipeline.dali import dali_installed
 
-    return importlib.util.find_spec("nvidia.dali") is not None
+    return dali_installed()
 
 
 def bench_dali(shard_dir: Path, batch_size: int = 128) -> BenchResult:

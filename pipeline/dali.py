@@ -55,6 +55,16 @@ INSTALL = "pip install 'lresnet[dali]'"
 MEAN = STD = 127.5
 
 
+def dali_installed() -> bool:
+    """True when NVIDIA DALI is installed (without importing it; False also when no ``nvidia`` package exists)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # find_spec imports the parent package, "nvidia", first
+        return False
+
+
 def import_dali() -> Any:
     """The ``nvidia.dali`` module, or the one-line InputError saying how to install it."""
     try:

@@ -6,7 +6,6 @@ Skipped where NVIDIA DALI is not installed (it is never in the test extra: its w
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
@@ -15,11 +14,12 @@ import torch
 
 from lresnet.core.errors import InputError
 from lresnet.pipeline import DevicePrefetcher, PipelineConfig, World, build_train_loader
+from lresnet.pipeline.dali import dali_installed
 
 SAMPLES = 240  # tests/pipeline/conftest.py: one image per class, so a label names its sample
 SEED = 4
 
-needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs NVIDIA DALI")
+needs_dali = pytest.mark.skipif(not dali_installed(), reason="needs NVIDIA DALI")
 
 
 def _config(**kw):
